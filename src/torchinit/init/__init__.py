@@ -1,0 +1,1 @@
+"""Construct: the init context and the construction mode."""

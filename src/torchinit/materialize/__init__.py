@@ -1,0 +1,1 @@
+"""Materialize: turn constructed tensors into written, verified ones."""

@@ -1,0 +1,1 @@
+"""Strategies: how a set-up module is placed (one device for now)."""

@@ -1,0 +1,45 @@
+import pytest
+import torch
+from torch import nn
+
+import torchinit
+
+
+def tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters (duplicates included, so ties show up under every name) and buffers."""
+    return {**dict(module.named_parameters(remove_duplicate=False)), **dict(module.named_buffers())}
+
+
+def assert_bitwise_equal(got: nn.Module, want: nn.Module) -> None:
+    a, b = tensors(got), tensors(want)
+    assert a.keys() == b.keys()
+    wrong = [k for k in b if a[k].dtype != b[k].dtype or a[k].device != b[k].device or not torch.equal(a[k], b[k])]
+    assert not wrong, f"differ from eager: {wrong}"
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_global_state():
+    """Every test must leave torch's global state as it found it (G2)."""
+    from torch.nn.modules import module as m
+    from torch.overrides import _get_current_function_mode_stack
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    before = (
+        torch.get_default_dtype(),
+        torch.tensor([]).device,
+        len(_get_current_function_mode_stack()),
+        len(_get_current_dispatch_mode_stack()),
+        len(m._global_parameter_registration_hooks),
+        dict(vars(nn.init)),
+    )
+    yield
+    after = (
+        torch.get_default_dtype(),
+        torch.tensor([]).device,
+        len(_get_current_function_mode_stack()),
+        len(_get_current_dispatch_mode_stack()),
+        len(m._global_parameter_registration_hooks),
+        dict(vars(nn.init)),
+    )
+    assert after == before
+    assert not torchinit.init.context._ACTIVE

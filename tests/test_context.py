@@ -1,0 +1,135 @@
+"""G1 placement and G2 hygiene of init_module / init_tensor."""
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.modules import module as module_hooks
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+import torchinit
+
+PRECISIONS = ["64-true", "32-true", "16-true", "bf16-true", "bf16-mixed"]
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("empty_init", [False, True])
+def test_placement(precision, empty_init):
+    fabric = torchinit.Fabric(accelerator="cpu", precision=precision)
+    want = fabric.plan.param_dtype
+    with fabric.init_module(empty_init=empty_init):
+        assert torch.get_default_dtype() == want
+        floats = [torch.empty(2), torch.zeros(2), torch.ones(2, 2), torch.rand(3), torch.randn(3),
+                  torch.full((2,), 1.5), torch.arange(0.0, 2.0, 0.5), torch.linspace(0, 1, 5),
+                  torch.eye(2), torch.tensor([0.5])]
+        explicit = [torch.zeros(2, dtype=torch.float32), torch.ones(2, dtype=torch.float64)]
+        integers = [torch.arange(3), torch.zeros(2, dtype=torch.long), torch.tensor([1, 2]), torch.randint(0, 5, (3,))]
+        layer = nn.Linear(3, 4)
+        derived = floats[2] * 2 + 1
+    assert all(t.dtype == want for t in floats), [t.dtype for t in floats]
+    assert derived.dtype == want
+    assert [t.dtype for t in explicit] == [torch.float32, torch.float64]
+    assert all(t.dtype == torch.int64 for t in integers)
+    assert layer.weight.dtype == want and layer.bias.dtype == want
+    assert all(t.device == fabric.device for t in floats + integers + explicit + [layer.weight])
+
+
+def test_values_of_promoted_tensors_are_cast_eager_values():
+    with torchinit.Fabric(accelerator="cpu", precision="bf16-true").init_tensor():
+        torch.manual_seed(0)
+        x = torch.randn(1000) * 0.02 + torch.arange(0.0, 1000.0) / 7
+    torch.manual_seed(0)
+    want = (torch.randn(1000) * 0.02 + torch.arange(0.0, 1000.0) / 7).to(torch.bfloat16)
+    assert torch.equal(x, want)
+
+
+def test_nothing_is_entered_before_enter():
+    before = torch.get_default_dtype()
+    context = torchinit.Fabric(accelerator="cpu", precision="bf16-true").init_module(empty_init=True)
+    assert torch.get_default_dtype() == before
+    assert not _get_current_dispatch_mode_stack()
+    assert isinstance(context, torchinit.InitContext)
+
+
+@pytest.mark.parametrize("empty_init", [False, True])
+def test_state_restored_on_exception(empty_init):
+    fabric = torchinit.Fabric(accelerator="cpu", precision="16-true")
+    hooks = len(module_hooks._global_parameter_registration_hooks)
+    init_fns = dict(vars(nn.init))
+
+    class Boom(Exception):
+        pass
+
+    with pytest.raises(Boom):
+        with fabric.init_module(empty_init=empty_init):
+            nn.Linear(2, 2)
+            raise Boom
+    assert torch.get_default_dtype() == torch.float32
+    assert torch.tensor([]).device == torch.device("cpu")
+    assert not _get_current_dispatch_mode_stack()
+    assert len(module_hooks._global_parameter_registration_hooks) == hooks
+    assert dict(vars(nn.init)) == init_fns
+
+
+def test_exception_in_constructor_propagates_unchanged():
+    class Broken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.empty(3))
+            raise KeyError("user bug")
+
+    with pytest.raises(KeyError, match="user bug"):
+        with torchinit.Fabric(accelerator="cpu", precision="bf16-true").init_module():
+            Broken()
+
+
+def test_reentered_and_nested_same_plan():
+    fabric = torchinit.Fabric(accelerator="cpu", precision="bf16-true")
+    context = fabric.init_module()
+    for _ in range(2):
+        with context:
+            with context:
+                with fabric.init_module():
+                    assert torch.empty(1).dtype == torch.bfloat16
+                assert torch.empty(1).dtype == torch.bfloat16
+            assert torch.empty(1).dtype == torch.bfloat16
+        assert torch.get_default_dtype() == torch.float32
+
+
+@pytest.mark.parametrize("inner", [dict(precision="16-true"), dict(precision="bf16-true", empty_init=True)])
+def test_nested_conflicting_plans_raise_and_keep_outer(inner):
+    outer = torchinit.Fabric(accelerator="cpu", precision="bf16-true")
+    empty = inner.pop("empty_init", False)
+    other = torchinit.Fabric(accelerator="cpu", **inner)
+    with outer.init_module():
+        with pytest.raises(ValueError, match="different plan"):
+            with other.init_module(empty_init=empty):
+                pass
+        assert torch.get_default_dtype() == torch.bfloat16
+        assert nn.Linear(2, 2).weight.dtype == torch.bfloat16
+    assert torch.get_default_dtype() == torch.float32
+
+
+def test_user_default_dtype_is_restored_not_reset():
+    torch.set_default_dtype(torch.float64)
+    try:
+        with torchinit.Fabric(accelerator="cpu", precision="bf16-true").init_module():
+            pass
+        assert torch.get_default_dtype() == torch.float64
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_user_modes_inside_are_unaffected():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with torchinit.Fabric(accelerator="cpu", precision="bf16-true").init_module():
+        with Spy():
+            torch.ones(2)
+    assert seen

@@ -1,0 +1,95 @@
+"""setup / setup_module / setup_optimizers / backward / autocast on one device."""
+
+import pytest
+import torch
+from test_exact import llama
+from torch import nn
+
+import torchinit
+
+
+def small():
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16-true", torch.bfloat16), ("64-true", torch.float64),
+                                              ("32-true", torch.float32)])
+def test_true_precision_casts_and_converts_inputs(precision, dtype):
+    fabric = torchinit.Fabric(accelerator="cpu", precision=precision)
+    model = fabric.setup(small())  # built outside init_module: setup casts it
+    assert all(p.dtype == dtype for p in model.parameters())
+    assert model(torch.randn(3, 4)).dtype == dtype  # fp32 input is converted
+
+
+def test_mixed_keeps_fp32_weights_and_runs_forward_under_autocast():
+    fabric = torchinit.Fabric(accelerator="cpu", precision="bf16-mixed")
+    with fabric.init_module():
+        module = small()
+    model = fabric.setup(module)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert model(torch.randn(3, 4)).dtype == torch.bfloat16
+    with fabric.autocast():
+        assert module(torch.randn(3, 4)).dtype == torch.bfloat16
+    assert module(torch.randn(3, 4)).dtype == torch.float32
+
+
+def test_wrapper_is_transparent():
+    fabric = torchinit.Fabric(accelerator="cpu", precision="bf16-mixed")
+    module = small()
+    model = fabric.setup(module)
+    assert model.module is module
+    assert list(model.state_dict()) == list(module.state_dict())
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in module.named_parameters()]
+    assert model.module[0] is module[0]
+    module.custom_attribute = 3
+    assert model.custom_attribute == 3
+    model.load_state_dict(module.state_dict())
+    with pytest.raises(ValueError, match="already set up"):
+        fabric.setup(model)
+
+
+def test_training_step_and_optimizer_made_before_setup():
+    fabric = torchinit.Fabric(accelerator="cpu", precision="bf16-true", seed=0)
+    with fabric.init_module(empty_init=True):
+        module = llama()
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)  # before setup: must stay valid
+    with pytest.warns(UserWarning, match="initialized"):
+        model, optimizer = fabric.setup(module, optimizer)
+    before = model.lm_head.weight.detach().clone()
+    loss = model(torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]])).loss
+    fabric.backward(loss)
+    optimizer.step()
+    assert not torch.equal(model.lm_head.weight, before)
+
+
+def test_seed_snippet_from_the_docs():
+    fabric = torchinit.Fabric(accelerator="cpu", precision="bf16-true")
+    with fabric.init_module(empty_init=True):
+        model = small()
+    model.load_state_dict({k: torch.ones_like(v) for k, v in small().state_dict().items()})
+    model = fabric.setup(model)
+    optimizer = fabric.setup_optimizers(torch.optim.Adam(model.parameters()))
+    assert isinstance(optimizer, torch.optim.Adam)
+    fabric.backward(model(torch.ones(1, 4)).sum())
+    optimizer.step()
+
+
+def test_single_process_collectives():
+    fabric = torchinit.Fabric(accelerator="cpu")
+    assert fabric.launch(lambda f, x: (f.global_rank, f.world_size, x), 5) == (0, 1, 5)
+    assert fabric.is_global_zero and fabric.broadcast("x") == "x"
+    t = torch.ones(2)
+    assert fabric.all_reduce(t) is t
+    fabric.barrier()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fp16_mixed_on_cuda_scales_gradients():
+    fabric = torchinit.Fabric(accelerator="cuda", precision="16-mixed")
+    model, optimizer = fabric.setup(module := small(), torch.optim.SGD(module.parameters(), lr=0.1))
+    out = model(torch.randn(2, 4, device="cuda"))
+    assert out.dtype == torch.float16
+    fabric.backward(out.float().sum())
+    assert isinstance(optimizer, torch.optim.SGD)
+    optimizer.step()
+    assert fabric._scaler.get_scale() > 0

@@ -1,0 +1,90 @@
+import pytest
+import torch
+
+import torchinit
+from torchinit.plan import PRECISIONS
+
+
+@pytest.mark.parametrize(
+    "given, canonical",
+    [("64-true", "64-true"), (64, "64-true"), ("64", "64-true"), ("32-true", "32-true"), (32, "32-true"),
+     ("32", "32-true"), ("16-true", "16-true"), ("bf16-true", "bf16-true"), ("bf16-mixed", "bf16-mixed"),
+     ("bf16", "bf16-mixed")],
+)
+def test_precision_strings_and_aliases(given, canonical):
+    fabric = torchinit.Fabric(accelerator="cpu", precision=given)
+    assert fabric.plan.precision == canonical
+    assert fabric.plan.param_dtype == PRECISIONS[canonical][0]
+
+
+@pytest.mark.parametrize("given", ["16-mixed", "16", 16])
+def test_fp16_mixed_on_cpu_warns_and_uses_bf16_mixed(given):
+    with pytest.warns(UserWarning, match="bf16-mixed"):
+        fabric = torchinit.Fabric(accelerator="cpu", precision=given)
+    assert fabric.plan.precision == "bf16-mixed"
+    assert fabric.plan.autocast_dtype == torch.bfloat16 and fabric.plan.param_dtype == torch.float32
+
+
+@pytest.mark.parametrize("bad", ["fp8", "bf16-true ", 8, None, "mixed"])
+def test_invalid_precision_lists_allowed_values(bad):
+    with pytest.raises(ValueError, match="bf16-true.*") as info:
+        torchinit.Fabric(accelerator="cpu", precision=bad)
+    for allowed in PRECISIONS:
+        assert allowed in str(info.value)
+
+
+def test_invalid_accelerator():
+    with pytest.raises(ValueError, match="accelerator='tpu'.*cpu, cuda"):
+        torchinit.Fabric(accelerator="tpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_without_cuda_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        torchinit.Fabric(accelerator="cuda")
+
+
+def test_auto_accelerator_picks_what_exists():
+    fabric = torchinit.Fabric()
+    expected = "cuda" if torch.cuda.is_available() else fabric.plan.accelerator
+    assert fabric.plan.accelerator == expected
+    assert fabric.device.type == fabric.plan.accelerator
+
+
+@pytest.mark.parametrize("devices", [1, "1", "auto", [0]])
+def test_single_device_forms(devices):
+    assert torchinit.Fabric(accelerator="cpu", devices=devices).device == torch.device("cpu")
+
+
+@pytest.mark.parametrize("devices, error", [([5], ValueError), ([0, 1], ValueError), (0, ValueError),
+                                            (-1, ValueError), ("two", ValueError), (2, NotImplementedError)])
+def test_bad_devices(devices, error):
+    with pytest.raises(error, match="devices"):
+        torchinit.Fabric(accelerator="cpu", devices=devices)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "deepspeed", "deepspeed_stage_3"])
+def test_multi_process_strategies_not_available_yet(strategy):
+    with pytest.raises(NotImplementedError, match="not available yet"):
+        torchinit.Fabric(accelerator="cpu", strategy=strategy)
+
+
+def test_unknown_strategy_and_nodes():
+    with pytest.raises(ValueError, match="strategy='horovod'"):
+        torchinit.Fabric(accelerator="cpu", strategy="horovod")
+    with pytest.raises(NotImplementedError, match="num_nodes=2"):
+        torchinit.Fabric(accelerator="cpu", num_nodes=2)
+
+
+def test_bad_input_leaves_global_state_alone():
+    before = torch.get_default_dtype()
+    with pytest.raises(ValueError):
+        torchinit.Fabric(accelerator="cpu", precision="nope")
+    assert torch.get_default_dtype() == before
+
+
+def test_seed_makes_init_reproducible():
+    torchinit.Fabric(accelerator="cpu", seed=7)
+    a = torch.rand(4)
+    torchinit.Fabric(accelerator="cpu", seed=7)
+    assert torch.equal(torch.rand(4), a)
