@@ -72,6 +72,12 @@ class ConstructionMode(TorchDispatchMode):
         self._warm: OrderedDict[int, int] = OrderedDict()  # key -> shadow bytes, least recently used first
         self._warm_bytes = 0
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        """Keep torch from wrapping our handler in `torch._disable_dynamo`: that wrapper imports all of
+        torch._dynamo (sympy included) on first use, about 1 s and 75 MiB, for a mode that is never compiled."""
+        return False
+
     # ---- bookkeeping -------------------------------------------------------------------------------
     def close(self) -> None:
         """Drop every shadow (called at context exit): nothing of the mode outlives construction."""

@@ -2,7 +2,7 @@
 
 A parameter counts as written once its version counter or its data pointer moved since construction:
 `load_state_dict` copies in place (version), `assign=True` or `.data =` swaps the memory (pointer). Writes
-through `.data` (a fresh version counter) are invisible; `initialize_unwritten` documents the escape hatch.
+through `.data` (a fresh version counter) are invisible: write with `copy_` under `torch.no_grad()`.
 
 Three guards keep garbage from being used:
 1. after any `load_state_dict` into a model built with empty init, what the checkpoint missed is initialized
@@ -74,8 +74,7 @@ def initialize_unwritten(module: nn.Module) -> list[str]:
 
     Other tensors of the owner keep their values (they are saved and put back), so a partially loaded
     module keeps what was loaded. If any owner has no init method, raises before changing anything.
-    Returns the names it initialized. Call it also after writing parameters through `.data`, which
-    cannot be seen: it then finds nothing pending only if the writes were seen, so prefer `copy_`.
+    Returns the names it initialized.
     """
     pending = [(name, p) for name, p in module.named_parameters() if _is_pending(p)]
     if not pending:

@@ -1,0 +1,194 @@
+"""Benchmark building a Llama: naive, torchinit, Lightning Fabric, accelerate, and the hardware floor.
+
+Each case runs in its own spawned process, so peak RSS is that case's alone. The floors are what the
+bytes cost at the least: one allocation of the model's size in the target dtype plus one ``normal_`` over
+it (for cases that initialize), or the allocation alone (for empty-init cases).
+
+    python benchmarks/init_bench.py --size 1b --device cuda --repeat 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import importlib.util
+import itertools
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import torchinit
+from torchinit.demo import DTYPES, SIZES, Probe, build_naive, resolve_device, run_isolated
+from torchinit.models import Llama, LlamaConfig, config_for, num_parameters
+
+CHEAP_SECONDS = 10.0  # a warm-up slower than this is the measurement; no repeats
+_INT_VIEWS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+Build = Callable[[], object]
+
+
+@dataclass(frozen=True)
+class Case:
+    label: str
+    floor: str | None  # the floor case whose time this one is compared with
+    compare: bool = False  # fingerprint its parameters and buffers against the naive model's
+    needs: tuple[str, ...] = ()  # any one of these modules must be importable
+
+
+LIGHTNING = ("lightning", "lightning_fabric")  # Lightning Fabric ships standalone and inside `lightning`
+CASES = {
+    "naive": Case("naive: fp32 on CPU, .to(device), .to(dtype)", "floor-init", compare=True),
+    "torchinit": Case("torchinit init_module()", "floor-init", compare=True),
+    "torchinit-empty": Case("torchinit init_module(empty_init=True)", "floor-alloc"),
+    "torchinit-load": Case("torchinit empty_init + load_state_dict(mmap)", None, compare=True),
+    "lightning": Case("Lightning Fabric init_module()", "floor-init", compare=True, needs=LIGHTNING),
+    "lightning-empty": Case("Lightning Fabric init_module(empty_init=True)", "floor-alloc", needs=LIGHTNING),
+    "accelerate-empty": Case("accelerate init_empty_weights + to_empty", "floor-alloc", needs=("accelerate",)),
+    "floor-init": Case("floor: allocate + normal_", "floor-init"),
+    "floor-alloc": Case("floor: allocate", "floor-alloc"),
+}
+
+
+def _lightning_fabric(device: torch.device, precision: str):
+    if importlib.util.find_spec("lightning") is not None:
+        from lightning.fabric import Fabric
+    else:
+        from lightning_fabric import Fabric
+    return Fabric(accelerator=device.type, devices=1, precision=precision)
+
+
+def _setup(case: str, cfg: LlamaConfig, device: torch.device, precision: str, checkpoint: Path) -> Build:
+    """Untimed setup for a case; returns the build step that is timed."""
+    dtype = DTYPES[precision]
+    if case == "naive":
+        return lambda: build_naive(cfg, device, dtype)
+    if case.startswith("floor"):
+        numel = num_parameters(cfg)
+        if case == "floor-alloc":
+            return lambda: torch.empty(numel, dtype=dtype, device=device)
+        return lambda: torch.empty(numel, dtype=dtype, device=device).normal_()
+    if case == "accelerate-empty":
+        from accelerate import init_empty_weights
+
+        def build_accelerate() -> nn.Module:
+            with init_empty_weights():
+                model = Llama(cfg)
+            return model.to(dtype).to_empty(device=device)
+
+        return build_accelerate
+
+    if case.startswith("lightning"):
+        fabric = _lightning_fabric(device, precision)
+    else:
+        fabric = torchinit.Fabric(accelerator=device.type, precision=precision)
+    empty_init = case in ("torchinit-empty", "torchinit-load", "lightning-empty")
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        with fabric.init_module(empty_init=empty_init):
+            model = Llama(cfg)
+        if case == "torchinit-load":
+            model.load_state_dict(torch.load(checkpoint, mmap=True, weights_only=True))
+        return model
+
+    return build
+
+
+def checksum(model: nn.Module) -> str:
+    """Fingerprint of the bits of every parameter and buffer, computed where the model lives, so that
+    big models are compared without shipping them between processes."""
+    digest = hashlib.sha256()
+    for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
+        bits = tensor.detach().view(_INT_VIEWS[tensor.element_size()]).sum(dtype=torch.int64).item()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}:{bits};".encode())
+    return digest.hexdigest()[:12]
+
+
+def _run_case(case: str, size: str, device: str, precision: str, repeat: int, workdir: str) -> dict:
+    cfg, target, checkpoint = config_for(size), torch.device(device), Path(workdir) / "naive.pt"
+    build = _setup(case, cfg, target, precision, checkpoint)
+    probe = Probe(target)
+    with probe.timed():
+        built = build()
+    first = probe.seconds
+    if first < CHEAP_SECONDS and repeat > 0:
+        probe.times.clear()  # that was the warm-up
+        for _ in range(repeat):
+            del built
+            gc.collect()
+            if target.type == "cuda":
+                torch.cuda.empty_cache()  # pay for fresh device memory each time, as a new process would
+            with probe.timed():
+                built = build()
+    result = probe.result()
+    result["first"], result["runs"] = first, len(probe.times)
+    result["checksum"] = checksum(built) if CASES[case].compare else None
+    if case == "naive":
+        torch.save(built.state_dict(), checkpoint)
+    return result
+
+
+def _ratio(seconds: float, reference: dict | None) -> str:
+    return f"{seconds / reference['seconds']:.3g}x" if reference else "-"
+
+
+def _format_row(cells: list[str]) -> str:
+    return f"{cells[0]:<46}" + "".join(f"{cell:>15}" for cell in cells[1:-1]) + f"   {cells[-1]}"
+
+
+def _verdict(result: dict, naive: dict | None) -> str:
+    if result["checksum"] is None or naive is None or result is naive:
+        return "-"
+    return "exact" if result["checksum"] == naive["checksum"] else "DIFFERENT"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="1b", choices=SIZES)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--precision", default="bf16-true", choices=list(DTYPES))
+    parser.add_argument("--repeat", type=int, default=3, help="best of N after one warm-up, when cheap")
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    cfg, dtype = config_for(args.size), DTYPES[args.precision]
+    params = num_parameters(cfg)
+    where = torch.cuda.get_device_name() if device == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    mib = params * dtype.itemsize / 2**20
+    print(f"Llama {args.size}: {params / 1e6:,.0f}M parameters, {mib:,.0f} MiB in {args.precision}", flush=True)
+    print(f"{device} ({where}), torch {torch.__version__}", flush=True)
+
+    results: dict[str, dict] = {}
+    notes = []
+    with tempfile.TemporaryDirectory(prefix="torchinit-bench-") as workdir:
+        for step, (name, case) in enumerate(CASES.items(), start=1):
+            if case.needs and not any(importlib.util.find_spec(module) for module in case.needs):
+                notes.append(f"skipped {case.label}: {' or '.join(case.needs)} is not installed")
+                continue
+            print(f"[{step}/{len(CASES)}] {case.label} ...", flush=True)
+            try:
+                results[name] = run_isolated(_run_case, name, args.size, device, args.precision, args.repeat, workdir)
+            except Exception as error:  # one broken integration should not hide the other results
+                notes.append(f"FAILED {case.label}: {type(error).__name__}: {error}")
+                continue
+            print(f"      {results[name]['seconds']:.3f} s (best of {results[name]['runs']})", flush=True)
+
+    naive = results.get("naive")
+    print()
+    print(_format_row(["case", "best s", "first s", "peak RSS +MiB", "peak dev MiB", "/ naive", "/ floor", "params"]))
+    for name, r in results.items():
+        device_mib = "-" if r["device_mib"] is None else f"{r['device_mib']:,.0f}"
+        times = [f"{r['seconds']:.3f}", f"{r['first']:.3f}"]
+        ratios = [_ratio(r["seconds"], naive), _ratio(r["seconds"], results.get(CASES[name].floor))]
+        print(_format_row([CASES[name].label, *times, f"{r['rss_mib']:,.0f}", device_mib, *ratios, _verdict(r, naive)]))
+    for note in notes:
+        print(note)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
