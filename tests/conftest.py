@@ -17,29 +17,28 @@ def assert_bitwise_equal(got: nn.Module, want: nn.Module) -> None:
     assert not wrong, f"differ from eager: {wrong}"
 
 
-@pytest.fixture(autouse=True)
-def no_leaked_global_state():
-    """Every test must leave torch's global state as it found it (G2)."""
+def global_state() -> tuple:
+    """Everything an init context may touch: default dtype and device, mode stacks, hooks, nn.init."""
     from torch.nn.modules import module as m
     from torch.overrides import _get_current_function_mode_stack
     from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
-    before = (
+    return (
         torch.get_default_dtype(),
         torch.tensor([]).device,
         len(_get_current_function_mode_stack()),
         len(_get_current_dispatch_mode_stack()),
         len(m._global_parameter_registration_hooks),
+        len(m._global_buffer_registration_hooks),
+        len(m._global_module_registration_hooks),
         dict(vars(nn.init)),
     )
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_global_state():
+    """Every test must leave torch's global state as it found it (G2)."""
+    before = global_state()
     yield
-    after = (
-        torch.get_default_dtype(),
-        torch.tensor([]).device,
-        len(_get_current_function_mode_stack()),
-        len(_get_current_dispatch_mode_stack()),
-        len(m._global_parameter_registration_hooks),
-        dict(vars(nn.init)),
-    )
-    assert after == before
+    assert global_state() == before
     assert not torchinit.init.context._ACTIVE
