@@ -122,6 +122,28 @@ def test_missing_with_no_init_method_is_one_error_naming_all():
     assert model[0].bias.isnan().all(), "the error must come before anything is initialized"
 
 
+class HalfInit(nn.Module):
+    """reset_parameters() that forgets one of its parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.done = nn.Parameter(torch.empty(2))
+        self.forgotten = nn.Parameter(torch.empty(2))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.zeros_(self.done)
+
+
+def test_init_method_that_leaves_a_parameter_unwritten_is_an_error():
+    with torchinit.nan_poison(), torchinit.Fabric(accelerator="cpu").init_module(empty_init=True):
+        model = HalfInit()
+    with pytest.raises(RuntimeError, match="did not write these parameters.*forgotten"):
+        torchinit.initialize_unwritten(model)
+    assert torch.equal(model.done, torch.zeros(2))
+    assert torchinit.unwritten_names(model) == ["forgotten"]
+
+
 def test_forward_over_unwritten_raises_naming_them():
     model = poisoned_empty(llama)
     with pytest.raises(RuntimeError, match="uninitialized memory.*model.embed_tokens.weight.*lm_head.weight"):

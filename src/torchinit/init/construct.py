@@ -82,6 +82,8 @@ class ConstructionMode(TorchDispatchMode):
     def close(self) -> None:
         """Drop every shadow (called at context exit): nothing of the mode outlives construction."""
         self._entries.clear()
+        self.param_storages.clear()
+        self.unwritten.clear()
         self._warm.clear()
         self._warm_bytes = 0
 
