@@ -29,3 +29,29 @@ def test_empty_init_on_cuda_then_load():
         got = MODELS["llama"]()
     got.load_state_dict(want.state_dict())
     assert_bitwise_equal(got, want)
+
+
+def test_meta_to_cuda_is_the_eager_model_and_setup_warns_about_split_devices():
+    from test_materialize import on_meta
+
+    want = eager(MODELS["llama"], torch.bfloat16, device="cuda")
+    with torchinit.nan_poison(), torchinit.InitContext("cuda", torch.bfloat16, meta=True):
+        got = MODELS["llama"]()
+    torchinit.materialize(got, "cuda", torch.bfloat16, checkpoint=want.state_dict())
+    assert_bitwise_equal(got, want)
+
+    split = on_meta(lambda: torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)))
+    torchinit.materialize(split, "cpu")
+    split[1].cuda()
+    with pytest.warns(UserWarning, match=r"parameters are on 2 devices \(cpu, cuda:0\)"):
+        model = torchinit.Fabric(accelerator="cuda").setup(split)
+    assert all(p.device.type == "cuda" for p in model.parameters())
+
+
+def test_preflight_on_cuda():
+    free, total = torch.cuda.mem_get_info()
+    with torch.device("meta"):
+        model = torch.nn.Embedding(total // 2**10, 2**9)  # 2 x the device in fp32
+    with pytest.raises(torchinit.InsufficientMemoryError, match="larger than the whole device"):
+        torchinit.materialize(model, "cuda")
+    assert model.weight.device.type == "meta"

@@ -2,7 +2,20 @@
 
 from torchinit.fabric import Fabric, seed_everything
 from torchinit.init.context import InitContext, nan_poison
-from torchinit.materialize.unwritten import initialize_unwritten, unwritten_names
+from torchinit.materialize.materialize import (
+    MaterializeError,
+    MaterializeReport,
+    RecordedInit,
+    materialize,
+    register_init,
+)
+from torchinit.materialize.memory import InsufficientMemoryError
+from torchinit.materialize.unwritten import unwritten_names
+from torchinit.materialize.verify import VerificationError, tie_groups, verify
 
-__all__ = ["Fabric", "InitContext", "initialize_unwritten", "nan_poison", "seed_everything", "unwritten_names"]
+__all__ = [
+    "Fabric", "InitContext", "InsufficientMemoryError", "MaterializeError", "MaterializeReport", "RecordedInit",
+    "VerificationError", "materialize", "nan_poison", "register_init", "seed_everything", "tie_groups",
+    "unwritten_names", "verify",
+]
 __version__ = "0.1.0"

@@ -69,17 +69,23 @@ class Fabric:
     # ---- set up ----------------------------------------------------------------------------------
     def setup(self, module: nn.Module, *optimizers: torch.optim.Optimizer) -> Any:
         """`setup_module(module)`, and `setup_optimizers(*optimizers)` if any are given."""
+        for optimizer in optimizers:  # before the model changes, so that an error leaves it as it was
+            single.check_optimizer(optimizer, model_set_up=False)
         wrapped = self.setup_module(module)
         if not optimizers:
             return wrapped
-        return (wrapped, *(single.setup_optimizer(opt, self._scaler) for opt in optimizers))
+        return (wrapped, *(self._setup_optimizer(opt) for opt in optimizers))
 
     def setup_module(self, module: nn.Module) -> single.FabricModule:
         return single.setup_module(module, self.plan)
 
     def setup_optimizers(self, *optimizers: torch.optim.Optimizer) -> Any:
-        wrapped = [single.setup_optimizer(opt, self._scaler) for opt in optimizers]
+        wrapped = [self._setup_optimizer(opt) for opt in optimizers]
         return wrapped[0] if len(wrapped) == 1 else tuple(wrapped)
+
+    def _setup_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        single.check_optimizer(optimizer)
+        return single.setup_optimizer(optimizer, self._scaler)
 
     # ---- run -------------------------------------------------------------------------------------
     def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:

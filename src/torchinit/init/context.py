@@ -30,9 +30,14 @@ _POISON = contextvars.ContextVar("torchinit_nan_poison", default=os.environ.get(
 _ACTIVE: list[InitContext] = []
 
 
+def poison_enabled() -> bool:
+    return _POISON.get()
+
+
 @contextmanager
 def nan_poison(enabled: bool = True) -> Iterator[None]:
-    """Debug switch: fill memory that empty init leaves uninitialized with NaN, so garbage cannot hide.
+    """Debug switch: fill memory that empty init leaves uninitialized, and every fresh allocation of
+    `materialize`, with NaN, so that garbage cannot hide.
 
     Also on with the environment variable TORCHINIT_NAN_POISON=1.
     """
@@ -46,22 +51,30 @@ def nan_poison(enabled: bool = True) -> Iterator[None]:
 class InitContext:
     """Construct modules and tensors on `device` in `dtype`; with `empty_init`, skip initialization.
 
+    With `meta=True`, parameters are made on the meta device instead (no memory, no init work) while
+    buffers are still computed for real on `device`, exactly as eager code computes them; `materialize`
+    later gives the parameters memory and values.
+
     Nothing is entered before `__enter__`. The same object may be entered again, also nested; nesting a
-    context with a different device, dtype or empty_init raises `ValueError` and changes nothing.
+    context with a different plan raises `ValueError` and changes nothing.
     """
 
-    def __init__(self, device: torch.device, dtype: torch.dtype, empty_init: bool = False):
+    def __init__(self, device: torch.device, dtype: torch.dtype, empty_init: bool = False, meta: bool = False):
         self.device, self.dtype, self.empty_init = torch.device(device), dtype, bool(empty_init)
+        self.meta = bool(meta)
         self._open: list[tuple[ExitStack, _Recorder | None]] = []
 
+    def _plan(self) -> tuple:
+        return self.device, self.dtype, self.empty_init, self.meta
+
     def _describe(self) -> str:
-        return f"device={self.device}, dtype={self.dtype}, empty_init={self.empty_init}"
+        return f"device={self.device}, dtype={self.dtype}, empty_init={self.empty_init}, meta={self.meta}"
 
     def __enter__(self) -> InitContext:
         stack = ExitStack()
         if _ACTIVE:
             outer = _ACTIVE[-1]
-            if (outer.device, outer.dtype, outer.empty_init) != (self.device, self.dtype, self.empty_init):
+            if outer._plan() != self._plan():
                 raise ValueError(
                     f"Cannot open an init context ({self._describe()}) inside another one with a different plan "
                     f"({outer._describe()}). Close the outer context first, or use the same Fabric for both."
@@ -87,9 +100,9 @@ class InitContext:
         if (compute != self.dtype or self.empty_init) and self.device.type != "meta":
             mode = ConstructionMode(compute, self.dtype, skip_param_writes=self.empty_init, poison=_POISON.get())
             stack.enter_context(mode)
-        if self.empty_init and mode is not None:
-            stack.enter_context(_skip_init_functions(mode))
-        recorder = _Recorder(mode)
+        if self.meta or (self.empty_init and mode is not None):
+            stack.enter_context(_skip_init_functions(mode.param_storages if mode is not None else set()))
+        recorder = _Recorder(mode, params_on_meta=self.meta)
         stack.enter_context(recorder)
         return recorder
 
@@ -108,8 +121,9 @@ class InitContext:
 class _Recorder:
     """Global module-registration hooks: which modules were built inside the context, and their parameters."""
 
-    def __init__(self, mode: ConstructionMode | None):
+    def __init__(self, mode: ConstructionMode | None, params_on_meta: bool = False):
         self.mode = mode
+        self.params_on_meta = params_on_meta
         self.modules: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         self.children: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         self._handles: list = []
@@ -127,10 +141,15 @@ class _Recorder:
             handle.remove()
         self._handles = []
 
-    def _on_parameter(self, module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+    def _on_parameter(self, module: nn.Module, name: str, param: nn.Parameter | None) -> nn.Parameter | None:
         self.modules.add(module)
-        if param is not None and self.mode is not None and self.mode.skip_param_writes:
+        if param is None:
+            return None
+        if self.params_on_meta and param.device.type != "meta" and type(param) is nn.Parameter:
+            return _on_meta(param)
+        if self.mode is not None and self.mode.skip_param_writes:
             self.mode.mark_parameter(param)
+        return None
 
     def _on_buffer(self, module: nn.Module, name: str, buffer: torch.Tensor | None) -> None:
         self.modules.add(module)
@@ -160,12 +179,21 @@ class _Recorder:
         self.mode = None
 
 
+def _on_meta(param: nn.Parameter) -> nn.Parameter:
+    """The same parameter on meta: shape, strides, dtype, requires_grad and attributes; its memory is freed."""
+    data = torch.empty_strided(param.shape, param.stride(), dtype=param.dtype, device="meta")
+    meta = nn.Parameter(data, requires_grad=param.requires_grad)
+    meta.__dict__.update(param.__dict__)
+    return meta
+
+
 @contextmanager
-def _skip_init_functions(mode: ConstructionMode) -> Iterator[None]:
-    """Make every public `torch.nn.init` function a no-op on parameters while empty init is open.
+def _skip_init_functions(param_storages: set[int]) -> Iterator[None]:
+    """Make every public `torch.nn.init` function a no-op on parameters (and on meta tensors) while open.
 
     The aten-level skip already leaves parameter memory untouched; this also skips the work these functions
-    do on temporaries (orthogonal_'s QR, trunc_normal_'s rejection loop) and the random numbers they draw.
+    do on temporaries (orthogonal_'s QR, trunc_normal_'s rejection loop, which cannot run on meta at all)
+    and the random numbers they draw.
     """
     originals = {
         name: fn for name, fn in vars(nn.init).items()
@@ -175,7 +203,9 @@ def _skip_init_functions(mode: ConstructionMode) -> Iterator[None]:
     def skipping(fn):
         @functools.wraps(fn)
         def wrapper(tensor, *args, **kwargs):
-            if isinstance(tensor, torch.Tensor) and id(tensor.untyped_storage()) in mode.param_storages:
+            if isinstance(tensor, torch.Tensor) and (
+                tensor.device.type == "meta" or id(tensor.untyped_storage()) in param_storages
+            ):
                 return tensor
             return fn(tensor, *args, **kwargs)
 

@@ -6,16 +6,18 @@ through `.data` (a fresh version counter) are invisible: write with `copy_` unde
 
 Three guards keep garbage from being used:
 1. after any `load_state_dict` into a model built with empty init, what the checkpoint missed is initialized
-   by its module's `reset_parameters()` and named in a warning, or, where no such method exists, named in
-   one error;
-2. `fabric.setup` does the same for a model that was never loaded;
+   through the materialization chain (its module's init) and named in a warning, or, where no init exists,
+   named in one error;
+2. `fabric.setup` materializes, which does the same for a model that was never loaded;
 3. a forward pass through a module whose parameters are still unwritten raises, naming all of them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +37,8 @@ class _Stamp:
 _PENDING = WeakIdKeyDictionary()  # Parameter -> _Stamp
 
 
-def _is_pending(param: torch.Tensor) -> bool:
+def is_pending(param: torch.Tensor) -> bool:
+    """Whether empty init left `param` unwritten and nothing has written it since."""
     stamp = _PENDING.get(param)
     if stamp is None:
         return False
@@ -66,80 +69,46 @@ def track(roots: list[nn.Module], is_unwritten) -> None:
 
 def unwritten_names(module: nn.Module) -> list[str]:
     """Qualified names (relative to `module`) of parameters that nothing has written yet."""
-    return [name for name, p in module.named_parameters() if _is_pending(p)]
+    return [name for name, p in module.named_parameters() if is_pending(p)]
 
 
-def initialize_unwritten(module: nn.Module) -> list[str]:
-    """Initialize every unwritten parameter under `module` with its owner's `reset_parameters()`.
+def pending_restorer(param: torch.Tensor) -> Callable[[], None]:
+    """For a pending `param` about to be written: a function that marks it pending again (used to undo)."""
+    stamp = _PENDING[param]
 
-    Other tensors of the owner keep their values (they are saved and put back), so a partially loaded
-    module keeps what was loaded. If any owner has no init method, raises before changing anything.
-    Returns the names it initialized.
-    """
-    pending = [(name, p) for name, p in module.named_parameters() if _is_pending(p)]
-    if not pending:
-        return []
-    owners: dict[int, nn.Module] = {}
-    hopeless = []
-    for name, p in pending:
-        owner = _PENDING[p].owner()
-        if owner is None or _init_method(owner) is None:
-            hopeless.append(f"{name} ({type(owner).__name__})")
-        else:
-            owners.setdefault(id(owner), owner)
-    if hopeless:
-        raise RuntimeError(
-            f"{len(hopeless)} parameter(s) were never written (empty_init=True and no checkpoint value), and "
-            f"their modules have no reset_parameters() to initialize them: {', '.join(hopeless)}. Load a "
-            "checkpoint that contains them, or give these module classes a reset_parameters() method."
-        )
-    with torch.no_grad():
-        for owner in owners.values():
-            keep = [(t, t.detach().clone()) for t in _tensors(owner) if not _is_pending(t)]
-            _init_method(owner)()
-            for t, saved in keep:
-                t.copy_(saved)
-    left = unwritten_names(module)
-    if left:
-        raise RuntimeError(
-            f"reset_parameters() did not write these parameters, so they still hold uninitialized memory: "
-            f"{', '.join(left)}. Load them from a checkpoint or initialize them explicitly."
-        )
-    return [name for name, _ in pending]
+    def restore() -> None:
+        _PENDING[param] = dataclasses.replace(stamp, version=param._version, data_ptr=param.data_ptr())
 
-
-def _init_method(module: nn.Module):
-    return getattr(module, "reset_parameters", None) or getattr(module, "_reset_parameters", None)
-
-
-def _tensors(module: nn.Module) -> list[torch.Tensor]:
-    return [*module.parameters(), *(b for b in module.buffers() if b is not None)]
+    return restore
 
 
 def _after_load(module: nn.Module, incompatible_keys) -> None:
-    names = initialize_unwritten(module)
-    if names:
-        warnings.warn(
-            f"load_state_dict did not provide {len(names)} parameter(s) of a model built with empty_init=True; "
-            f"they were initialized with their module's reset_parameters() instead of being left as "
-            f"uninitialized memory: {', '.join(names)}",
-            stacklevel=3,
-        )
+    if not unwritten_names(module):
+        return
+    from torchinit.materialize.materialize import materialize
+
+    names = materialize(module, check_values=False).from_init
+    warnings.warn(
+        f"load_state_dict did not provide {len(names)} parameter(s) of a model built with empty_init=True; "
+        f"they were initialized with their module's init instead of being left as uninitialized memory: "
+        f"{', '.join(names)}",
+        stacklevel=3,
+    )
 
 
 def _guard_forward(owner: nn.Module) -> None:
     handles = []
 
     def check(module: nn.Module, args) -> None:
-        if not any(_is_pending(p) for p in module.parameters(recurse=False)):
+        if not any(is_pending(p) for p in module.parameters(recurse=False)):
             handles[0].remove()
             return
-        root = _PENDING[next(p for p in module.parameters(recurse=False) if _is_pending(p))].root()
-        names = [name for name, p in root.named_parameters() if _is_pending(p)] if root is not None else []
+        root = _PENDING[next(p for p in module.parameters(recurse=False) if is_pending(p))].root()
+        names = [name for name, p in root.named_parameters() if is_pending(p)] if root is not None else []
         raise RuntimeError(
             f"forward() of {type(module).__name__} would read uninitialized memory: these parameters were built "
             f"with empty_init=True and nothing wrote them since: {', '.join(names)}. Load a checkpoint "
-            "(model.load_state_dict), or call fabric.setup(model) / torchinit.initialize_unwritten(model) "
+            "(model.load_state_dict), or call fabric.setup(model) / torchinit.materialize(model) "
             "to initialize them."
         )
 

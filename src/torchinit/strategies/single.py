@@ -8,7 +8,8 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from torchinit.materialize.unwritten import initialize_unwritten
+from torchinit.materialize import unwritten
+from torchinit.materialize.materialize import materialize
 from torchinit.plan import Plan
 
 
@@ -27,18 +28,27 @@ def grad_scaler(plan: Plan) -> torch.amp.GradScaler | None:
 
 
 def setup_module(module: nn.Module, plan: Plan) -> FabricModule:
-    """Initialize what empty init left unwritten, cast (true precisions), move, wrap."""
+    """Materialize on the plan's device and dtype (meta and unwritten tensors get their init), verify, wrap.
+
+    Materialization swaps data into the same Parameter objects, so optimizers made before stay valid.
+    """
     if isinstance(module, FabricModule):
         raise ValueError("This module was already set up by a Fabric; pass the original module only once.")
-    names = initialize_unwritten(module)
-    if names:
+    devices = sorted({str(p.device) for p in module.parameters() if p.device.type != "meta"})
+    if len(devices) > 1:
         warnings.warn(
-            f"setup() initialized {len(names)} parameter(s) that empty_init=True left unwritten and no "
-            f"checkpoint filled (reset_parameters()): {', '.join(names[:10])}{' ...' if len(names) > 10 else ''}",
+            f"The model's parameters are on {len(devices)} devices ({', '.join(devices)}); setup() moves them all "
+            f"to {plan.device}.",
             stacklevel=3,
         )
-    # Module.to swaps .data in place, so Parameter objects (and optimizers holding them) stay valid.
-    module.to(device=plan.device, dtype=plan.param_dtype)
+    empty = unwritten.unwritten_names(module)
+    materialize(module, plan.device, plan.param_dtype)
+    if empty:
+        warnings.warn(
+            f"setup() initialized {len(empty)} parameter(s) that empty_init=True left unwritten and no checkpoint "
+            f"filled (their module's init): {', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}",
+            stacklevel=3,
+        )
     return FabricModule(module, plan)
 
 
@@ -83,6 +93,29 @@ def _cast_floating(tree, dtype: torch.dtype):
     return torch.utils._pytree.tree_map(
         lambda x: x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x, tree
     )
+
+
+def check_optimizer(optimizer: torch.optim.Optimizer, model_set_up: bool = True) -> None:
+    """An optimizer built from meta parameters is fine once they are materialized in place; one that already
+    holds state for meta parameters (a step was taken) is not, and parameters still on meta cannot step."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    stale = [i for i, p in enumerate(params) if p.device.type == "meta" and optimizer.state.get(p)]
+    stale += [i for i, p in enumerate(params) if any(
+        isinstance(v, torch.Tensor) and v.device.type == "meta" for v in optimizer.state.get(p, {}).values()
+    ) and i not in stale]
+    if stale:
+        raise RuntimeError(
+            f"{type(optimizer).__name__} already holds state for {len(stale)} parameter(s) on the meta device "
+            f"(indices {stale[:10]} in its param groups): that state has no values and cannot be moved. Create the "
+            "optimizer without stepping it before setup(), or after setup()."
+        )
+    on_meta = sum(p.device.type == "meta" for p in params)
+    if on_meta and model_set_up:
+        raise RuntimeError(
+            f"{on_meta} parameter(s) of {type(optimizer).__name__} are still on the meta device. Call "
+            "fabric.setup(model) (or setup_module) before setup_optimizers(): it materializes them in place, and "
+            "the optimizer keeps working with the same Parameter objects."
+        )
 
 
 def setup_optimizer(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None):

@@ -1,0 +1,460 @@
+"""Meta → real, in place: the one routine that setup, every strategy and the checkpoint loader call.
+
+1. Collect every parameter and buffer once (a tied weight is one tensor with several names). A tensor
+   *needs a value* when it is on meta, or when empty init left it unwritten.
+2. Choose one source per tensor: a checkpoint value › a recorded init › its owner's init (an init function
+   passed in or registered for its class, `reset_parameters()`, `_reset_parameters()`) › error. Every tensor
+   that has none, and every shape mismatch, is named in ONE error before anything changes.
+3. Pre-flight: the bytes each device will receive, against what is free there (memory.py).
+4. Allocate: fresh memory swapped into the same Parameter / buffer objects (`.data =`), so ties, optimizers
+   and every other reference stay valid (G4).
+5. Fill: owner inits run once each, children before parents (eager construction order), under a write
+   watch that lets each one write only the tensors it is the source for; then the recorded init replays;
+   then checkpoint values are copied. Tensors that were already real are then moved / cast as
+   `Module.to` would.
+6. Verify (verify.py): nothing meta, nothing unwritten, ties as before, values finite.
+If anything fails after step 4, the allocated tensors get their old (meta) data back: the model is unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from torchinit.init.construct import _aliased_result, _written_args
+from torchinit.init.context import poison_enabled
+from torchinit.materialize import unwritten
+from torchinit.materialize.memory import check_fits
+from torchinit.materialize.verify import tie_groups, verify
+
+InitFn = Callable[[nn.Module], None]
+_REGISTERED: dict[type, InitFn] = {}
+
+
+def register_init(cls: type[nn.Module], fn: InitFn | None) -> None:
+    """Initialize modules of class `cls` (and its subclasses) with `fn(module)` when materializing.
+
+    It takes precedence over the class's own `reset_parameters()`; `fn=None` removes the registration.
+    """
+    if fn is None:
+        _REGISTERED.pop(cls, None)
+    else:
+        _REGISTERED[cls] = fn
+
+
+class RecordedInit(Protocol):
+    """A recorded initialization (built while constructing) that can replay itself into fresh tensors."""
+
+    def covers(self, name: str) -> bool:
+        """Whether the record can produce the tensor with this qualified name."""
+
+    def replay(self, targets: dict[str, torch.Tensor]) -> None:
+        """Write the recorded values into `targets` (qualified name -> real tensor), in recorded order."""
+
+
+class MaterializeError(RuntimeError):
+    """The model cannot be materialized as asked; the message names the tensors and modules. Model unchanged."""
+
+
+@dataclass
+class MaterializeReport:
+    """Where each tensor's value came from (first qualified name of each tensor), bytes and time."""
+
+    from_checkpoint: list[str] = field(default_factory=list)
+    from_record: list[str] = field(default_factory=list)
+    from_init: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    allocated_bytes: int = 0
+    seconds: float = 0.0
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One tensor object and every place it is registered: (module path, module, attribute, is_param)."""
+
+    tensor: torch.Tensor
+    homes: list[tuple[str, nn.Module, str, bool]]
+    needs_value: bool
+    source: str = "kept"  # "checkpoint" | "recorded" | "init" | "kept"
+    key: str = ""  # the checkpoint key it is read from
+    memory: torch.Tensor | None = None  # the data it must end with (fresh allocation or its own)
+
+    @property
+    def name(self) -> str:
+        path, _, attr, _ = self.homes[0]
+        return f"{path}.{attr}" if path else attr
+
+    @property
+    def names(self) -> list[str]:
+        return [f"{path}.{attr}" if path else attr for path, _, attr, _ in self.homes]
+
+    @property
+    def owner(self) -> tuple[str, nn.Module]:
+        return self.homes[0][0], self.homes[0][1]
+
+
+def materialize(
+    module: nn.Module,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    *,
+    checkpoint: Mapping[str, torch.Tensor] | None = None,
+    recorded: RecordedInit | None = None,
+    init_fns: Mapping[type, InitFn] | None = None,
+    check_values: bool = True,
+) -> MaterializeReport:
+    """Give every meta or unwritten parameter and buffer of `module` real memory and exactly one value source.
+
+    Args:
+        device: where tensors end up; None keeps real tensors where they are and puts meta ones on the
+            module's one real device (the default device if it has none).
+        dtype: floating tensors are cast to it as `Module.to(dtype)` would; integer tensors keep theirs.
+        checkpoint: state-dict-keyed values; they win over every other source, also for real tensors.
+        recorded: a recorded init to replay for the tensors it covers.
+        init_fns: `{module class: fn(module)}`, looked up along the class's MRO before `register_init`
+            registrations and the module's own `reset_parameters()` / `_reset_parameters()`.
+        check_values: verify that parameters are finite and buffers NaN-free (one pass over the model).
+
+    The same Parameter objects come out (ties, optimizers and hooks keep working). Raises
+    `MaterializeError` / `InsufficientMemoryError` / `VerificationError` with the model unchanged.
+    """
+    start = time.perf_counter()
+    ties = tie_groups(module)
+    slots = _collect(module)
+    target = _resolve_device(device, slots)
+    _choose_sources(slots, checkpoint, recorded, init_fns)
+    _preflight(slots, target, dtype)
+    report = MaterializeReport()
+    undo: list[Callable[[], None]] = []
+    try:
+        report.allocated_bytes = _allocate(slots, target, dtype, undo)
+        _run_inits(module, slots, init_fns)
+        _replay(slots, recorded)
+        _copy_checkpoint(slots, checkpoint)
+        _move_kept(slots, target, dtype)
+        verify(module, ties, check_values=check_values)
+    except BaseException:
+        for step in reversed(undo):
+            step()
+        raise
+    for slot in slots:
+        {"checkpoint": report.from_checkpoint, "recorded": report.from_record, "init": report.from_init,
+         "kept": report.kept}[slot.source].append(slot.name)
+    report.seconds = time.perf_counter() - start
+    if report.from_init and not init_fns and hasattr(module, "config") and hasattr(module, "_init_weights"):
+        warnings.warn(
+            f"{len(report.from_init)} tensor(s) of this {type(module).__name__} got their modules' own default init "
+            "(reset_parameters), not the model's _init_weights scheme. To use that scheme, pass "
+            "init_fns={torch.nn.Module: model._init_weights} (per module), or load a checkpoint.",
+            stacklevel=2,
+        )
+    return report
+
+
+# ---- 1. collect ------------------------------------------------------------------------------------
+def _collect(module: nn.Module) -> list[_Slot]:
+    slots: dict[int, _Slot] = {}
+    for path, mod in module.named_modules():
+        for is_param, table in ((True, mod._parameters), (False, mod._buffers)):
+            for attr, t in table.items():
+                if t is None:
+                    continue
+                slot = slots.get(id(t))
+                if slot is None:
+                    needs = t.device.type == "meta" or unwritten.is_pending(t)
+                    slot = slots[id(t)] = _Slot(t, [], needs)
+                slot.homes.append((path, mod, attr, is_param))
+    return list(slots.values())
+
+
+def _resolve_device(device, slots: list[_Slot]) -> torch.device | None:
+    if device is not None:
+        return torch.device(device)
+    if not any(s.tensor.device.type == "meta" for s in slots):
+        return None
+    real = {s.tensor.device for s in slots if s.tensor.device.type != "meta"}
+    if len(real) > 1:
+        raise MaterializeError(
+            f"The module's real tensors are on {len(real)} devices ({', '.join(sorted(map(str, real)))}): "
+            "pass device= to say where its meta tensors should go."
+        )
+    return real.pop() if real else torch.get_default_device()
+
+
+# ---- 2. one source per tensor ------------------------------------------------------------------------
+def _choose_sources(slots, checkpoint, recorded, init_fns) -> None:
+    mismatched, hopeless = [], {}
+    for slot in slots:
+        key = next((n for n in slot.names if n in checkpoint), None) if checkpoint is not None else None
+        if key is not None:
+            value = checkpoint[key]
+            if tuple(value.shape) != tuple(slot.tensor.shape):
+                mismatched.append(f"{key} (checkpoint {tuple(value.shape)}, model {tuple(slot.tensor.shape)})")
+            slot.source, slot.key = "checkpoint", key
+        elif not slot.needs_value:
+            slot.source = "kept"
+        elif recorded is not None and any(recorded.covers(n) for n in slot.names):
+            slot.source = "recorded"
+        elif _init_for(slot.owner[1], init_fns) is not None:
+            slot.source = "init"
+        else:
+            path, owner = slot.owner
+            hopeless.setdefault(id(owner), (path, owner, []))[2].append(slot.homes[0][2])
+    if mismatched:
+        raise MaterializeError(
+            f"{len(mismatched)} checkpoint tensor(s) do not fit the model's shapes: {', '.join(mismatched)}. "
+            "Nothing was changed; check that the checkpoint belongs to this model configuration."
+        )
+    if hopeless:
+        listed = ", ".join(
+            f"'{path or '<root>'}' ({type(owner).__name__}: {', '.join(attrs)})"
+            for path, owner, attrs in hopeless.values()
+        )
+        raise MaterializeError(
+            f"{len(hopeless)} module(s) hold tensors with no value source — no checkpoint value, no recorded init "
+            f"and no init method: {listed}. Nothing was changed. Load a checkpoint that contains them, give these "
+            "classes a reset_parameters(), or register an init with torchinit.register_init(cls, fn) / pass "
+            "init_fns={cls: fn}."
+        )
+
+
+def _init_for(module: nn.Module, init_fns: Mapping[type, InitFn] | None) -> Callable[[], None] | None:
+    for table in (init_fns or {}, _REGISTERED):
+        for cls in type(module).__mro__:
+            if cls in table:
+                fn = table[cls]
+                return lambda: fn(module)
+    for name in ("reset_parameters", "_reset_parameters"):
+        method = getattr(module, name, None)
+        if callable(method):
+            return method
+    return None
+
+
+# ---- 3. pre-flight -----------------------------------------------------------------------------------
+def _final_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    return dtype if dtype is not None and t.is_floating_point() else t.dtype
+
+
+def _preflight(slots: list[_Slot], device: torch.device | None, dtype: torch.dtype | None) -> None:
+    needed: dict[torch.device, int] = {}
+    largest: dict[torch.device, tuple[str, int]] = {}
+    for slot in slots:
+        t = slot.tensor
+        where = device if device is not None else t.device
+        grows = where != t.device or (t.device.type == "meta")
+        if not grows:
+            continue
+        nbytes = t.numel() * torch.empty((), dtype=_final_dtype(t, dtype), device="meta").element_size()
+        needed[where] = needed.get(where, 0) + nbytes
+        if nbytes >= largest.get(where, ("", -1))[1]:
+            largest[where] = (slot.name, nbytes)
+    check_fits(needed, largest)
+
+
+# ---- 4. allocate -------------------------------------------------------------------------------------
+def _allocate(slots, device, dtype, undo: list) -> int:
+    """Fresh memory for every tensor that needs a value or a checkpoint copy elsewhere; returns bytes."""
+    poison = poison_enabled()
+    total = 0
+    for slot in slots:
+        t = slot.tensor
+        where = device if device is not None else t.device
+        want = _final_dtype(t, dtype)
+        in_place = t.device == where and t.dtype == want and t.device.type != "meta"
+        if slot.source == "kept" or in_place:
+            slot.memory = t.data
+            if unwritten.is_pending(t):
+                undo.append(unwritten.pending_restorer(t))
+            continue
+        fresh = torch.empty_like(t, device=where, dtype=want)
+        if poison and fresh.is_floating_point():
+            fresh.fill_(float("nan"))
+        undo.append(_swap_in(t, fresh))
+        slot.memory = fresh
+        total += fresh.numel() * fresh.element_size()
+    return total
+
+
+def _swap_in(t: torch.Tensor, fresh: torch.Tensor) -> Callable[[], None]:
+    """Make the object `t` hold `fresh` (same object, attributes kept); return how to undo it.
+
+    Between devices of one kind (cpu <-> cuda) `.data =` does it; meta tensors are another kind of tensor, so
+    they swap their whole contents with a new Parameter/tensor (torch.utils.swap_tensors) instead.
+    """
+    if t.device.type != "meta":
+        old = t.data
+        t.data = fresh
+        return lambda: setattr(t, "data", old)
+    if isinstance(t, nn.Parameter):
+        replacement = type(t)(fresh, requires_grad=t.requires_grad)
+    else:
+        replacement = fresh.detach().requires_grad_(t.requires_grad)
+    replacement.__dict__ = dict(t.__dict__)
+    try:
+        torch.utils.swap_tensors(t, replacement)
+    except RuntimeError as exc:
+        raise MaterializeError(
+            f"Cannot materialize a {type(t).__name__} of shape {tuple(t.shape)} in place: {exc}. Drop weak "
+            "references to meta parameters (and autograd graphs through them) before materializing."
+        ) from exc
+    return lambda: torch.utils.swap_tensors(t, replacement)
+
+
+# ---- 5. fill -----------------------------------------------------------------------------------------
+class _WriteWatch(TorchDispatchMode):
+    """Lets an init write only the tensors it is the source for; records what it wrote and what it tried."""
+
+    def __init__(self, guarded: dict[int, _Slot], allowed: set[int]):
+        super().__init__()
+        self.guarded, self.allowed = guarded, allowed
+        self.written: set[int] = set()
+        self.refused: list[_Slot] = []
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return False  # see ConstructionMode: never compiled, and the dynamo wrapper costs a second to import
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        written = _written_args(func, args, kwargs)
+        ptrs = [t.untyped_storage().data_ptr() for t in written.values()]
+        refused = [p for p in ptrs if p in self.guarded and p not in self.allowed]
+        if refused and len(refused) == len(ptrs):
+            self.refused += [self.guarded[p] for p in refused]
+            return _aliased_result(func, args, kwargs)
+        self.written.update(ptrs)
+        return func(*args, **kwargs)
+
+
+def _post_order(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    seen: set[int] = set()
+
+    def walk(mod: nn.Module, path: str):
+        if id(mod) in seen:
+            return
+        seen.add(id(mod))
+        for name, child in mod._modules.items():
+            if child is not None:
+                yield from walk(child, f"{path}.{name}" if path else name)
+        yield path, mod
+
+    yield from walk(module, "")
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _run_inits(module: nn.Module, slots: list[_Slot], init_fns: Mapping[type, InitFn] | None) -> None:
+    """Run each owner's init once, children first; each may write only tensors it is the source for.
+
+    A parent may also overwrite a descendant's init-sourced tensor (torch's MultiheadAttention zeroes its
+    out_proj.bias): eager order, parent last, wins; for modules outside torch.nn that is reported, since
+    the tensor is then initialized twice. Writes to any other tensor are refused and reported.
+    """
+    init_slots = [s for s in slots if s.source == "init"]
+    if not init_slots:
+        return
+    guarded = {_ptr(s.memory): s for s in slots if s.tensor.numel()}
+    by_owner: dict[int, list[_Slot]] = {}
+    for s in init_slots:
+        by_owner.setdefault(id(s.owner[1]), []).append(s)
+    not_written, twice, foreign = [], [], []
+    with torch.no_grad():
+        for path, owner in _post_order(module):
+            mine = by_owner.get(id(owner))
+            if not mine:
+                continue
+            prefix = f"{path}." if path else ""
+            descendants = [s for s in init_slots if s.owner[1] is not owner and s.owner[0].startswith(prefix)]
+            allowed = {_ptr(s.memory) for s in (*mine, *descendants)}
+            watch = _WriteWatch(guarded, allowed)
+            try:
+                with watch:
+                    _init_for(owner, init_fns)()
+            except Exception as exc:
+                raise MaterializeError(
+                    f"The init of '{path or '<root>'}' ({type(owner).__name__}) raised {type(exc).__name__}: {exc}. "
+                    "Nothing was changed."
+                ) from exc
+            done = watch.written | _restore_identity(owner, slots, allowed)
+            not_written += [s.name for s in mine if s.tensor.numel() and _ptr(s.memory) not in done]
+            if not type(owner).__module__.startswith("torch.nn"):
+                twice += [s.name for s in descendants if _ptr(s.memory) in watch.written]
+            foreign += [f"{s.name} (by '{path or '<root>'}')" for s in watch.refused
+                        if all(home[1] is not owner for home in s.homes)]
+    if not_written:
+        raise MaterializeError(
+            f"These tensors were left uninitialized: their module's init did not write them: {', '.join(not_written)}. "
+            "Nothing was changed. Make the init write every parameter and buffer of its own module, or register "
+            "an init for the class (torchinit.register_init)."
+        )
+    if twice or foreign:
+        warnings.warn(
+            "Init methods reached beyond their own module (the contract: each module initializes only its own "
+            "parameters and buffers). "
+            + (f"Initialized twice, the parent's value kept: {', '.join(twice)}. " if twice else "")
+            + (f"Refused writes to tensors with another source: {', '.join(foreign)}." if foreign else ""),
+            stacklevel=3,
+        )
+
+
+def _restore_identity(owner: nn.Module, slots: list[_Slot], allowed: set[int]) -> set[int]:
+    """Undo an init that replaced a Parameter object or its `.data`: keep the object and our memory, take the
+    value where the init was allowed to write. Returns the storages that got a value this way."""
+    got = set()
+    for slot in slots:
+        for _, mod, attr, is_param in slot.homes:
+            if mod is not owner:
+                continue
+            table = mod._parameters if is_param else mod._buffers
+            now = table[attr]
+            if now is not slot.tensor:
+                table[attr] = slot.tensor
+            elif _ptr(now) != _ptr(slot.memory):
+                now = now.data
+                slot.tensor.data = slot.memory
+            else:
+                continue
+            if _ptr(slot.memory) in allowed and now is not None:
+                if tuple(now.shape) != tuple(slot.memory.shape):
+                    raise MaterializeError(
+                        f"The init of {type(owner).__name__} replaced {slot.name} with shape {tuple(now.shape)}; "
+                        f"the module declared {tuple(slot.memory.shape)}."
+                    )
+                slot.memory.copy_(now.detach())
+                got.add(_ptr(slot.memory))
+    return got
+
+
+def _replay(slots: list[_Slot], recorded: RecordedInit | None) -> None:
+    targets = {s.name: s.tensor for s in slots if s.source == "recorded"}
+    if targets:
+        with torch.no_grad():
+            recorded.replay(targets)
+
+
+def _copy_checkpoint(slots: list[_Slot], checkpoint: Mapping[str, torch.Tensor] | None) -> None:
+    with torch.no_grad():
+        for slot in slots:
+            if slot.source == "checkpoint":
+                slot.tensor.copy_(checkpoint[slot.key])
+
+
+def _move_kept(slots: list[_Slot], device: torch.device | None, dtype: torch.dtype | None) -> None:
+    """Tensors that were real already: to the device and dtype, one at a time, as `Module.to` does."""
+    for slot in slots:
+        t = slot.tensor
+        if slot.source != "kept":
+            continue
+        where, want = device if device is not None else t.device, _final_dtype(t, dtype)
+        if t.device != where or t.dtype != want:
+            t.data = t.data.to(device=where, dtype=want)
