@@ -32,7 +32,7 @@ from torchinit.init.construct import _aliased_result, _written_args
 from torchinit.init.context import poison_enabled
 from torchinit.materialize import unwritten
 from torchinit.materialize.memory import check_fits
-from torchinit.materialize.verify import tie_groups, verify
+from torchinit.materialize.verify import _names, tie_groups, verify
 
 InitFn = Callable[[nn.Module], None]
 _REGISTERED: dict[type, InitFn] = {}
@@ -176,7 +176,10 @@ def _collect(module: nn.Module) -> list[_Slot]:
 
 def _resolve_device(device, slots: list[_Slot]) -> torch.device | None:
     if device is not None:
-        return torch.device(device)
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())  # so that it compares equal to t.device
+        return device
     if not any(s.tensor.device.type == "meta" for s in slots):
         return None
     real = {s.tensor.device for s in slots if s.tensor.device.type != "meta"}
@@ -209,14 +212,14 @@ def _choose_sources(slots, checkpoint, recorded, init_fns) -> None:
             hopeless.setdefault(id(owner), (path, owner, []))[2].append(slot.homes[0][2])
     if mismatched:
         raise MaterializeError(
-            f"{len(mismatched)} checkpoint tensor(s) do not fit the model's shapes: {', '.join(mismatched)}. "
+            f"{len(mismatched)} checkpoint tensor(s) do not fit the model's shapes: {_names(mismatched)}. "
             "Nothing was changed; check that the checkpoint belongs to this model configuration."
         )
     if hopeless:
-        listed = ", ".join(
+        listed = _names([
             f"'{path or '<root>'}' ({type(owner).__name__}: {', '.join(attrs)})"
             for path, owner, attrs in hopeless.values()
-        )
+        ])
         raise MaterializeError(
             f"{len(hopeless)} module(s) hold tensors with no value source — no checkpoint value, no recorded init "
             f"and no init method: {listed}. Nothing was changed. Load a checkpoint that contains them, give these "
@@ -325,7 +328,7 @@ class _WriteWatch(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         written = _written_args(func, args, kwargs)
-        ptrs = [t.untyped_storage().data_ptr() for t in written.values()]
+        ptrs = [_ptr(t) for t in written.values()]
         refused = [p for p in ptrs if p in self.guarded and p not in self.allowed]
         if refused and len(refused) == len(ptrs):
             self.refused += [self.guarded[p] for p in refused]
@@ -349,16 +352,17 @@ def _post_order(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     yield from walk(module, "")
 
 
-def _ptr(t: torch.Tensor) -> int:
-    return t.untyped_storage().data_ptr()
+def _ptr(t: torch.Tensor) -> tuple[torch.device, int]:
+    return t.device, t.untyped_storage().data_ptr()
 
 
 def _run_inits(module: nn.Module, slots: list[_Slot], init_fns: Mapping[type, InitFn] | None) -> None:
     """Run each owner's init once, children first; each may write only tensors it is the source for.
 
-    A parent may also overwrite a descendant's init-sourced tensor (torch's MultiheadAttention zeroes its
-    out_proj.bias): eager order, parent last, wins; for modules outside torch.nn that is reported, since
-    the tensor is then initialized twice. Writes to any other tensor are refused and reported.
+    A parent may also write a descendant's init-sourced tensor (torch's MultiheadAttention zeroes its
+    out_proj.bias): eager order, parent last, wins. Outside torch.nn, a tensor written by two inits is
+    reported, as are writes to tensors with another source, which are refused. A tensor no init wrote is
+    an error.
     """
     init_slots = [s for s in slots if s.source == "init"]
     if not init_slots:
@@ -367,15 +371,13 @@ def _run_inits(module: nn.Module, slots: list[_Slot], init_fns: Mapping[type, In
     by_owner: dict[int, list[_Slot]] = {}
     for s in init_slots:
         by_owner.setdefault(id(s.owner[1]), []).append(s)
-    not_written, twice, foreign = [], [], []
+    writers: dict[tuple, list[nn.Module]] = {}
+    foreign = []
     with torch.no_grad():
         for path, owner in _post_order(module):
-            mine = by_owner.get(id(owner))
-            if not mine:
+            if id(owner) not in by_owner:
                 continue
-            prefix = f"{path}." if path else ""
-            descendants = [s for s in init_slots if s.owner[1] is not owner and s.owner[0].startswith(prefix)]
-            allowed = {_ptr(s.memory) for s in (*mine, *descendants)}
+            allowed = {_ptr(s.memory) for sub in owner.modules() for s in by_owner.get(id(sub), ())}
             watch = _WriteWatch(guarded, allowed)
             try:
                 with watch:
@@ -385,24 +387,28 @@ def _run_inits(module: nn.Module, slots: list[_Slot], init_fns: Mapping[type, In
                     f"The init of '{path or '<root>'}' ({type(owner).__name__}) raised {type(exc).__name__}: {exc}. "
                     "Nothing was changed."
                 ) from exc
-            done = watch.written | _restore_identity(owner, slots, allowed)
-            not_written += [s.name for s in mine if s.tensor.numel() and _ptr(s.memory) not in done]
-            if not type(owner).__module__.startswith("torch.nn"):
-                twice += [s.name for s in descendants if _ptr(s.memory) in watch.written]
+            for ptr in (watch.written | _restore_identity(owner, slots, allowed)) & allowed:
+                writers.setdefault(ptr, []).append(owner)
             foreign += [f"{s.name} (by '{path or '<root>'}')" for s in watch.refused
                         if all(home[1] is not owner for home in s.homes)]
+    not_written = [s.name for s in init_slots if s.tensor.numel() and _ptr(s.memory) not in writers]
     if not_written:
         raise MaterializeError(
-            f"These tensors were left uninitialized: their module's init did not write them: {', '.join(not_written)}. "
+            f"These tensors were left uninitialized: their module's init did not write them: {_names(not_written)}. "
             "Nothing was changed. Make the init write every parameter and buffer of its own module, or register "
             "an init for the class (torchinit.register_init)."
         )
+    twice = []
+    for s in init_slots:
+        who = writers.get(_ptr(s.memory), [])
+        if len(who) > 1 and not type(who[-1]).__module__.startswith("torch.nn"):
+            twice.append(s.name)
     if twice or foreign:
         warnings.warn(
             "Init methods reached beyond their own module (the contract: each module initializes only its own "
             "parameters and buffers). "
-            + (f"Initialized twice, the parent's value kept: {', '.join(twice)}. " if twice else "")
-            + (f"Refused writes to tensors with another source: {', '.join(foreign)}." if foreign else ""),
+            + (f"Initialized twice, the parent's value kept: {_names(twice)}. " if twice else "")
+            + (f"Refused writes to tensors with another source: {_names(foreign)}." if foreign else ""),
             stacklevel=3,
         )
 

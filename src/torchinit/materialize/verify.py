@@ -84,5 +84,6 @@ def _bad_values(tensors: list[tuple[str, torch.Tensor]], module: nn.Module) -> l
 
 
 def _names(names: list[str], limit: int = 20) -> str:
+    """A readable list: the first `limit` names and how many more."""
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
