@@ -9,7 +9,6 @@ it (for cases that initialize), or the allocation alone (for empty-init cases).
 
 from __future__ import annotations
 
-import argparse
 import gc
 import hashlib
 import importlib.util
@@ -21,10 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from common import parse_args, run_all
 from torch import nn
 
 import torchinit
-from torchinit.demo import DTYPES, SIZES, Probe, build_naive, resolve_device, run_isolated
+from torchinit.demo import DTYPES, Probe, build_naive
 from torchinit.models import Llama, LlamaConfig, config_for, num_parameters
 
 CHEAP_SECONDS = 10.0  # a warm-up slower than this is the measurement; no repeats
@@ -148,34 +148,9 @@ def _verdict(result: dict, naive: dict | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="1b", choices=SIZES)
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--precision", default="bf16-true", choices=list(DTYPES))
-    parser.add_argument("--repeat", type=int, default=3, help="best of N after one warm-up, when cheap")
-    args = parser.parse_args(argv)
-    device = resolve_device(args.device)
-    cfg, dtype = config_for(args.size), DTYPES[args.precision]
-    params = num_parameters(cfg)
-    where = torch.cuda.get_device_name() if device == "cuda" else f"{torch.get_num_threads()} CPU threads"
-    mib = params * dtype.itemsize / 2**20
-    print(f"Llama {args.size}: {params / 1e6:,.0f}M parameters, {mib:,.0f} MiB in {args.precision}", flush=True)
-    print(f"{device} ({where}), torch {torch.__version__}", flush=True)
-
-    results: dict[str, dict] = {}
-    notes = []
+    args, device = parse_args(__doc__, argv)
     with tempfile.TemporaryDirectory(prefix="torchinit-bench-") as workdir:
-        for step, (name, case) in enumerate(CASES.items(), start=1):
-            if case.needs and not any(importlib.util.find_spec(module) for module in case.needs):
-                notes.append(f"skipped {case.label}: {' or '.join(case.needs)} is not installed")
-                continue
-            print(f"[{step}/{len(CASES)}] {case.label} ...", flush=True)
-            try:
-                results[name] = run_isolated(_run_case, name, args.size, device, args.precision, args.repeat, workdir)
-            except Exception as error:  # one broken integration should not hide the other results
-                notes.append(f"FAILED {case.label}: {type(error).__name__}: {error}")
-                continue
-            print(f"      {results[name]['seconds']:.3f} s (best of {results[name]['runs']})", flush=True)
+        results, notes = run_all(CASES, _run_case, args.size, device, args.precision, args.repeat, workdir)
 
     naive = results.get("naive")
     print()

@@ -11,7 +11,6 @@ finite. The floor is one allocation of the model's bytes plus one ``uniform_`` o
 
 from __future__ import annotations
 
-import argparse
 import gc
 import importlib.util
 import sys
@@ -20,10 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from common import parse_args, run_all
 from torch import nn
 
 import torchinit
-from torchinit.demo import DTYPES, SIZES, Probe, resolve_device, run_isolated
+from torchinit.demo import DTYPES, Probe
 from torchinit.models import Llama, config_for, num_parameters
 from torchinit.models.llama import RotaryEmbedding
 
@@ -137,32 +137,8 @@ def _row(cells: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="1b", choices=SIZES)
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--precision", default="bf16-true", choices=list(DTYPES))
-    parser.add_argument("--repeat", type=int, default=3, help="best of N after one warm-up, when cheap")
-    args = parser.parse_args(argv)
-    device = resolve_device(args.device)
-    cfg, dtype = config_for(args.size), DTYPES[args.precision]
-    params = num_parameters(cfg)
-    where = torch.cuda.get_device_name() if device == "cuda" else f"{torch.get_num_threads()} CPU threads"
-    print(f"Llama {args.size}: {params / 1e6:,.0f}M parameters, {params * dtype.itemsize / 2**20:,.0f} MiB in "
-          f"{args.precision}; {device} ({where}), torch {torch.__version__}", flush=True)
-
-    results, notes = {}, []
-    for step, (name, case) in enumerate(CASES.items(), start=1):
-        if case.needs and not any(importlib.util.find_spec(m) for m in case.needs):
-            notes.append(f"skipped {case.label}: {' or '.join(case.needs)} is not installed")
-            continue
-        print(f"[{step}/{len(CASES)}] {case.label} ...", flush=True)
-        try:
-            results[name] = run_isolated(_run_case, name, args.size, device, args.precision, args.repeat)
-        except Exception as error:  # one broken integration should not hide the other results
-            notes.append(f"FAILED {case.label}: {type(error).__name__}: {error}")
-            continue
-        print(f"      {results[name]['seconds']:.3f} s (best of {results[name]['runs']})", flush=True)
-
+    args, device = parse_args(__doc__, argv)
+    results, notes = run_all(CASES, _run_case, args.size, device, args.precision, args.repeat)
     print()
     print(_row(["case", "best s", "first s", "RSS +MiB", "dev MiB", "/ eager", "/ floor", "ties", "RoPE", "finite"]))
     for name, r in results.items():
