@@ -56,15 +56,26 @@ def test_single_device_forms(devices):
     assert torchinit.Fabric(accelerator="cpu", devices=devices).device == torch.device("cpu")
 
 
-@pytest.mark.parametrize("devices, error", [([5], ValueError), ([0, 1], ValueError), (0, ValueError),
-                                            (-1, ValueError), ("two", ValueError), (2, NotImplementedError)])
-def test_bad_devices(devices, error):
-    with pytest.raises(error, match="devices"):
+@pytest.mark.parametrize("devices", [[5], [0, 0], 0, -2, "two", True, [], 1.5])
+def test_bad_devices(devices):
+    with pytest.raises(ValueError, match="devices"):
         torchinit.Fabric(accelerator="cpu", devices=devices)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "deepspeed", "deepspeed_stage_3"])
-def test_multi_process_strategies_not_available_yet(strategy):
+@pytest.mark.parametrize("devices, world", [(2, 2), ("3", 3), ([0, 1], 2), (-1, 1)])
+def test_several_processes_mean_ddp(devices, world):
+    plan = torchinit.Fabric(accelerator="cpu", devices=devices).plan
+    assert plan.world_size == world and plan.strategy == ("ddp" if world > 1 else "single_device")
+    assert torchinit.Fabric(accelerator="cpu", strategy="ddp_spawn", devices=devices).plan.strategy == "ddp"
+
+
+def test_single_device_strategy_with_several_devices_is_an_error():
+    with pytest.raises(ValueError, match="strategy='ddp'"):
+        torchinit.Fabric(accelerator="cpu", strategy="single_device", devices=2)
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed", "deepspeed_stage_3"])
+def test_sharded_strategies_not_available_yet(strategy):
     with pytest.raises(NotImplementedError, match="not available yet"):
         torchinit.Fabric(accelerator="cpu", strategy=strategy)
 
@@ -72,8 +83,12 @@ def test_multi_process_strategies_not_available_yet(strategy):
 def test_unknown_strategy_and_nodes():
     with pytest.raises(ValueError, match="strategy='horovod'"):
         torchinit.Fabric(accelerator="cpu", strategy="horovod")
-    with pytest.raises(NotImplementedError, match="num_nodes=2"):
-        torchinit.Fabric(accelerator="cpu", num_nodes=2)
+    with pytest.raises(ValueError, match="num_nodes=0"):
+        torchinit.Fabric(accelerator="cpu", num_nodes=0)
+    fabric = torchinit.Fabric(accelerator="cpu", num_nodes=2)
+    assert fabric.plan.world_size == 2 and fabric.plan.strategy == "ddp"
+    with pytest.raises(RuntimeError, match="torchrun"):
+        fabric.launch()
 
 
 def test_bad_input_leaves_global_state_alone():

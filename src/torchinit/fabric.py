@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import atexit
+import os
 import random
 from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from torchinit import launch as launcher
 from torchinit.init.context import InitContext
 from torchinit.plan import make_plan
 from torchinit.strategies import single
@@ -19,9 +23,9 @@ class Fabric:
 
     Args:
         accelerator: "auto", "cpu", "cuda", "gpu" or "mps".
-        strategy: "auto" or "single_device" (multi-process strategies are not available yet).
-        devices: 1, "auto" or a one-element list such as [1].
-        num_nodes: 1.
+        strategy: "auto" (ddp when several devices), "single_device", "ddp" or "ddp_spawn".
+        devices: how many processes on this machine (N, "N", -1 for all, "auto") or CUDA indices [0, 1].
+        num_nodes: machines; more than one must be started with torchrun.
         precision: "64-true", "32-true", "16-true", "bf16-true", "16-mixed", "bf16-mixed" (aliases 64, 32,
             "16" -> 16-mixed, "bf16" -> bf16-mixed).
         seed: if given, seeds torch (all devices), `random` and NumPy now.
@@ -36,8 +40,12 @@ class Fabric:
         precision: str | int = "32-true",
         seed: int | None = None,
     ):
+        self._args = dict(accelerator=accelerator, strategy=strategy, devices=devices, num_nodes=num_nodes,
+                          precision=precision, seed=seed)
         self.plan = make_plan(accelerator, strategy, devices, num_nodes, precision)
         self._scaler = single.grad_scaler(self.plan)
+        self._ranks = launcher.Ranks()
+        self._launched = not self.plan.multi_process
         if seed is not None:
             seed_everything(seed)
 
@@ -46,11 +54,32 @@ class Fabric:
     def device(self) -> torch.device:
         return self.plan.device
 
-    global_rank = 0
-    local_rank = 0
-    node_rank = 0
-    world_size = 1
-    is_global_zero = True
+    @property
+    def global_rank(self) -> int:
+        return self._ranks.global_rank
+
+    @property
+    def local_rank(self) -> int:
+        return self._ranks.local_rank
+
+    @property
+    def node_rank(self) -> int:
+        return self._ranks.node_rank
+
+    @property
+    def world_size(self) -> int:
+        return self._ranks.world_size
+
+    @property
+    def is_global_zero(self) -> bool:
+        return self._ranks.global_rank == 0
+
+    def _require_launch(self, what: str) -> None:
+        if not self._launched:
+            raise RuntimeError(
+                f"{what} with strategy={self.plan.strategy!r} needs the processes first: call fabric.launch() "
+                "(or fabric.launch(fn, *args)) before it."
+            )
 
     # ---- construct -------------------------------------------------------------------------------
     def init_module(self, empty_init: bool | None = None) -> InitContext:
@@ -60,15 +89,18 @@ class Fabric:
         device and then cast to the precision's dtype. With empty init, parameter memory is uninitialized
         until a checkpoint or `setup` writes it; reading it in forward raises.
         """
+        self._require_launch("init_module()")
         return InitContext(self.plan.device, self.plan.param_dtype, empty_init=bool(empty_init))
 
     def init_tensor(self) -> InitContext:
         """Tensors created inside land on the device in the precision's dtype."""
+        self._require_launch("init_tensor()")
         return InitContext(self.plan.device, self.plan.param_dtype, empty_init=False)
 
     # ---- set up ----------------------------------------------------------------------------------
     def setup(self, module: nn.Module, *optimizers: torch.optim.Optimizer) -> Any:
         """`setup_module(module)`, and `setup_optimizers(*optimizers)` if any are given."""
+        self._require_launch("setup()")
         for optimizer in optimizers:  # before the model changes, so that an error leaves it as it was
             single.check_optimizer(optimizer, model_set_up=False)
         wrapped = self.setup_module(module)
@@ -77,9 +109,11 @@ class Fabric:
         return (wrapped, *(self._setup_optimizer(opt) for opt in optimizers))
 
     def setup_module(self, module: nn.Module) -> single.FabricModule:
+        self._require_launch("setup_module()")
         return single.setup_module(module, self.plan)
 
     def setup_optimizers(self, *optimizers: torch.optim.Optimizer) -> Any:
+        self._require_launch("setup_optimizers()")
         wrapped = [self._setup_optimizer(opt) for opt in optimizers]
         return wrapped[0] if len(wrapped) == 1 else tuple(wrapped)
 
@@ -98,17 +132,52 @@ class Fabric:
         return single.autocast(self.plan)
 
     def launch(self, fn: Callable | None = None, *args: Any) -> Any:
-        """One process: run `fn(self, *args)` here (nothing to spawn)."""
+        """Start or join the processes, then run `fn(self, *args)` (in every process; rank 0's result returned).
+
+        One process: runs `fn` here. Under torchrun: joins its process group. `launch(fn, ...)`: spawns one
+        process per device (`fn` must be picklable: a module-level function). `launch()` in a script: this
+        process is rank 0 and the script is run again for the other ranks.
+        """
+        if not self.plan.multi_process:
+            return fn(self, *args) if fn is not None else None
+        if self._launched:
+            raise RuntimeError("launch() was already called on this Fabric.")
+        ranks = launcher.from_environment(self.plan)
+        if ranks is not None:
+            self._join(ranks, f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}")
+            atexit.register(launcher.leave_group)
+        elif fn is not None:
+            return launcher.spawn(self._args, self.plan, fn, args)
+        else:
+            self._join(*launcher.start_script_ranks(self.plan))
         return fn(self, *args) if fn is not None else None
 
+    def _join(self, ranks: launcher.Ranks, init_method: str) -> None:
+        self.plan = launcher.join(self.plan, ranks, init_method)
+        self._ranks, self._launched = ranks, True
+
     def barrier(self, name: str | None = None) -> None:
-        """One process: nothing to wait for."""
+        """Wait until every process gets here."""
+        if self.world_size > 1:
+            dist.barrier()
 
     def broadcast(self, obj: Any, src: int = 0) -> Any:
-        return obj
+        """`obj` from rank `src`, in every process (any picklable object)."""
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
 
     def all_reduce(self, tensor: torch.Tensor, reduce_op: str = "sum") -> torch.Tensor:
-        return tensor
+        """`tensor` summed ("sum") or averaged ("mean") over all processes, as a new tensor."""
+        if reduce_op not in ("sum", "mean"):
+            raise ValueError(f"reduce_op={reduce_op!r} is not supported: use 'sum' or 'mean'.")
+        if self.world_size == 1:
+            return tensor
+        out = tensor.detach().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out / self.world_size if reduce_op == "mean" else out
 
     def print(self, *args: Any, **kwargs: Any) -> None:
         if self.is_global_zero:

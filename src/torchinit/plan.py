@@ -6,6 +6,7 @@ argument checking happens here, once, with errors that list what is allowed.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 
@@ -26,14 +27,18 @@ _PRECISION_ALIASES: dict[object, str] = {
 }
 ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
 SINGLE_DEVICE_STRATEGIES = ("auto", "single_device")
-MULTI_PROCESS_STRATEGIES = (
-    "ddp", "ddp_spawn", "fsdp", "deepspeed", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3",
-)
+AVAILABLE_MULTI_PROCESS = ("ddp", "ddp_spawn")
+COMING_STRATEGIES = ("fsdp", "deepspeed", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3")
+MULTI_PROCESS_STRATEGIES = AVAILABLE_MULTI_PROCESS + COMING_STRATEGIES
 
 
 @dataclass(frozen=True)
 class Plan:
-    """Where tensors live, in which dtype, and how forward runs."""
+    """Where tensors live, in which dtype, how forward runs, and across how many processes.
+
+    `device` is this process's device (local rank 0's until `for_local_rank` is applied by the launcher);
+    `device_indices` are the devices of one node, one process each.
+    """
 
     accelerator: str
     device: torch.device
@@ -41,10 +46,23 @@ class Plan:
     param_dtype: torch.dtype
     autocast_dtype: torch.dtype | None
     strategy: str
+    device_indices: tuple[int, ...] = (0,)
+    num_nodes: int = 1
 
     @property
     def mixed(self) -> bool:
         return self.autocast_dtype is not None
+
+    @property
+    def world_size(self) -> int:
+        return len(self.device_indices) * self.num_nodes
+
+    @property
+    def multi_process(self) -> bool:
+        return self.strategy != "single_device"
+
+    def for_local_rank(self, local_rank: int) -> Plan:
+        return dataclasses.replace(self, device=_device(self.accelerator, self.device_indices[local_rank]))
 
 
 def parse_precision(precision: object, accelerator: str) -> str:
@@ -87,37 +105,56 @@ def _mps_available() -> bool:
     return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
 
 
-def resolve_device(accelerator: str, devices: object) -> torch.device:
-    """One device for single-process strategies: devices may be 1, 'auto', '1', or [index]."""
-    count = torch.cuda.device_count() if accelerator == "cuda" else 1
-    if devices in ("auto", 1, "1"):
-        index = 0
-    elif isinstance(devices, (list, tuple)) and len(devices) == 1 and isinstance(devices[0], int):
-        index = devices[0]
-    elif isinstance(devices, int) and not isinstance(devices, bool) and devices > 1:
-        raise NotImplementedError(
-            f"devices={devices} needs a multi-process strategy (ddp, fsdp, deepspeed), which is not available "
-            "yet in torchinit. Use devices=1."
-        )
+def _device(accelerator: str, index: int) -> torch.device:
+    return torch.device("cpu") if accelerator == "cpu" else torch.device(accelerator, index)
+
+
+def resolve_devices(accelerator: str, devices: object, multi_process: bool) -> tuple[int, ...]:
+    """Device indices of one node: `devices` may be N, "N", "auto", -1 (all) or a list of indices."""
+    count = torch.cuda.device_count() if accelerator == "cuda" else None  # CPU: any number of processes
+    if devices == "auto":
+        indices = list(range(count)) if multi_process and count else [0]
+    elif isinstance(devices, str) and devices.lstrip("-").isdigit():
+        return resolve_devices(accelerator, int(devices), multi_process)
+    elif devices == -1 and not isinstance(devices, bool):
+        indices = list(range(count if count is not None else 1))
+    elif isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1:
+        indices = list(range(devices))
+    elif isinstance(devices, (list, tuple)) and devices and all(isinstance(d, int) for d in devices):
+        indices = list(devices)
     else:
-        raise ValueError(f"devices={devices!r} is not valid: use 1, 'auto', or a one-element list like [0].")
-    if not 0 <= index < count:
+        raise ValueError(f"devices={devices!r} is not valid: use a positive number, 'auto', -1, or a list like [0, 1].")
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"devices={devices!r} names a device twice.")
+    if accelerator == "cpu":
+        if isinstance(devices, (list, tuple)) and indices != list(range(len(indices))):
+            raise ValueError(
+                f"devices={devices!r}: CPU processes are counted, not indexed; use devices={len(indices)}."
+            )
+    elif accelerator == "mps" and indices != [0]:
+        raise ValueError(f"devices={devices!r}: MPS has one device; use devices=1.")
+    elif any(not 0 <= i < count for i in indices):
         raise ValueError(
-            f"devices={devices!r} asks for {accelerator} device {index}, but this machine has {count} "
+            f"devices={devices!r} asks for {accelerator} devices {indices}, but this machine has {count} "
             f"{accelerator} device(s) (valid indices: 0..{count - 1})."
         )
-    if accelerator == "cpu":
-        return torch.device("cpu")
-    return torch.device(accelerator, index)
+    return tuple(indices)
 
 
-def resolve_strategy(strategy: object) -> str:
-    if strategy in SINGLE_DEVICE_STRATEGIES:
+def resolve_strategy(strategy: object, num_devices: int) -> str:
+    if strategy == "auto":
+        return "ddp" if num_devices > 1 else "single_device"
+    if strategy == "single_device":
+        if num_devices > 1:
+            raise ValueError(f"strategy='single_device' runs one process, but devices asks for {num_devices}: "
+                             "use strategy='ddp' (or 'auto').")
         return "single_device"
-    if strategy in MULTI_PROCESS_STRATEGIES:
+    if strategy in AVAILABLE_MULTI_PROCESS:
+        return "ddp"
+    if strategy in COMING_STRATEGIES:
         raise NotImplementedError(
-            f"strategy={strategy!r} is not available yet in torchinit (multi-process strategies come with the "
-            f"distributed work). Available now: {', '.join(SINGLE_DEVICE_STRATEGIES)}."
+            f"strategy={strategy!r} is not available yet in torchinit. Available now: "
+            f"{', '.join(SINGLE_DEVICE_STRATEGIES + AVAILABLE_MULTI_PROCESS)}."
         )
     raise ValueError(
         f"strategy={strategy!r} is not supported. Choose one of: "
@@ -126,17 +163,21 @@ def resolve_strategy(strategy: object) -> str:
 
 
 def make_plan(accelerator: str, strategy: object, devices: object, num_nodes: int, precision: object) -> Plan:
-    if num_nodes != 1:
-        raise NotImplementedError(f"num_nodes={num_nodes}: multi-node training is not available yet in torchinit.")
-    resolved_strategy = resolve_strategy(strategy)
+    if not isinstance(num_nodes, int) or isinstance(num_nodes, bool) or num_nodes < 1:
+        raise ValueError(f"num_nodes={num_nodes!r} is not valid: use a positive number.")
     resolved_accelerator = resolve_accelerator(accelerator)
+    wants_many = strategy not in SINGLE_DEVICE_STRATEGIES or num_nodes > 1
+    indices = resolve_devices(resolved_accelerator, devices, wants_many)
+    resolved_strategy = resolve_strategy(strategy, len(indices) * num_nodes)
     name = parse_precision(precision, resolved_accelerator)
     param_dtype, autocast_dtype = PRECISIONS[name]
     return Plan(
         accelerator=resolved_accelerator,
-        device=resolve_device(resolved_accelerator, devices),
+        device=_device(resolved_accelerator, indices[0]),
         precision=name,
         param_dtype=param_dtype,
         autocast_dtype=autocast_dtype,
         strategy=resolved_strategy,
+        device_indices=indices,
+        num_nodes=num_nodes,
     )

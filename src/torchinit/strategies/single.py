@@ -1,4 +1,5 @@
-"""One device: move and cast the module, run forward in the plan's precision, scale fp16 gradients."""
+"""Set up a module for one device per process: materialize it there, wrap it (DDP when the plan says so), run
+forward in the plan's precision, scale fp16 gradients."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from torch import nn
 from torchinit.materialize import unwritten
 from torchinit.materialize.materialize import materialize
 from torchinit.plan import Plan
+from torchinit.strategies import ddp
 
 
 def autocast(plan: Plan):
@@ -49,20 +51,23 @@ def setup_module(module: nn.Module, plan: Plan) -> FabricModule:
             f"filled (their module's init): {', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}",
             stacklevel=3,
         )
-    return FabricModule(module, plan)
+    forward = ddp.replicate(module, plan) if plan.strategy == "ddp" else module
+    return FabricModule(forward, plan, original=module)
 
 
 class FabricModule(nn.Module):
-    """A thin wrapper: forward in the plan's precision; state_dict keys and attributes are the original's."""
+    """A thin wrapper: forward (through DDP if wrapped) in the plan's precision; state_dict keys, parameters and
+    attributes are the original module's."""
 
-    def __init__(self, module: nn.Module, plan: Plan):
+    def __init__(self, forward_module: nn.Module, plan: Plan, original: nn.Module | None = None):
         super().__init__()
-        self._forward_module = module
+        self._forward_module = forward_module
+        self._original_module = original if original is not None else forward_module
         self._plan = plan
 
     @property
     def module(self) -> nn.Module:
-        return self._forward_module
+        return self._original_module
 
     def forward(self, *args, **kwargs):
         if not self._plan.mixed:
@@ -71,22 +76,22 @@ class FabricModule(nn.Module):
             return self._forward_module(*args, **kwargs)
 
     def state_dict(self, *args, **kwargs):
-        return self._forward_module.state_dict(*args, **kwargs)
+        return self._original_module.state_dict(*args, **kwargs)
 
     def load_state_dict(self, *args, **kwargs):
-        return self._forward_module.load_state_dict(*args, **kwargs)
+        return self._original_module.load_state_dict(*args, **kwargs)
 
     def named_parameters(self, *args, **kwargs):
-        return self._forward_module.named_parameters(*args, **kwargs)
+        return self._original_module.named_parameters(*args, **kwargs)
 
     def named_buffers(self, *args, **kwargs):
-        return self._forward_module.named_buffers(*args, **kwargs)
+        return self._original_module.named_buffers(*args, **kwargs)
 
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(super().__getattr__("_forward_module"), name)
+            return getattr(super().__getattr__("_original_module"), name)
 
 
 def _cast_floating(tree, dtype: torch.dtype):

@@ -1,0 +1,207 @@
+"""Processes: join the ones torchrun started, or start one per local device; then one process group.
+
+`Fabric.launch` comes in three ways:
+1. Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT set): join; the sizes must agree.
+2. `launch(fn, *args)`: spawn one process per local device running `fn(fabric, *args)`; rank 0's result comes
+   back. If any rank raises, the others are terminated and the error is raised here: never a hang.
+3. `launch()` in a script: this process becomes rank 0 and runs the same command line again for the other
+   local ranks, with torchrun's variables set. A watchdog ends every rank if one of them dies.
+"""
+
+from __future__ import annotations
+
+import atexit
+import gc
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from torchinit.plan import Plan
+
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def collective_timeout() -> timedelta:
+    """How long a collective may wait for a missing rank before it fails (TORCHINIT_TIMEOUT seconds, default 1800)."""
+    return timedelta(seconds=float(os.environ.get("TORCHINIT_TIMEOUT", 1800)))
+
+
+@dataclass(frozen=True)
+class Ranks:
+    global_rank: int = 0
+    local_rank: int = 0
+    node_rank: int = 0
+    world_size: int = 1
+
+
+def from_environment(plan: Plan) -> Ranks | None:
+    """This process's ranks if torchrun (or our script launcher) started it, else None."""
+    if not all(name in os.environ for name in TORCHRUN_VARIABLES):
+        return None
+    world_size = int(os.environ["WORLD_SIZE"])
+    if world_size != plan.world_size:
+        raise ValueError(
+            f"The environment says WORLD_SIZE={world_size}, but this Fabric was made for {plan.world_size} "
+            f"process(es) (devices={len(plan.device_indices)} x num_nodes={plan.num_nodes}). Make devices and "
+            "num_nodes match torchrun's --nproc-per-node and --nnodes."
+        )
+    local = int(os.environ["LOCAL_RANK"])
+    return Ranks(int(os.environ["RANK"]), local, int(os.environ.get("GROUP_RANK", 0)), world_size)
+
+
+def join(plan: Plan, ranks: Ranks, init_method: str) -> Plan:
+    """Set this process's device and join the process group (gloo on CPU, nccl on CUDA); returns its plan."""
+    plan = plan.for_local_rank(ranks.local_rank)
+    if plan.device.type == "cuda":
+        torch.cuda.set_device(plan.device)
+    backend = "nccl" if plan.device.type == "cuda" else "gloo"
+    dist.init_process_group(
+        backend, init_method=init_method, rank=ranks.global_rank, world_size=ranks.world_size,
+        timeout=collective_timeout(),
+    )
+    return plan
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(fabric_args: dict, plan: Plan, fn: Callable, args: tuple) -> Any:
+    """Run `fn(fabric, *args)` in one new process per local device; return rank 0's result.
+
+    If ranks fail, the error names the one that failed first (the others usually fail because of it).
+    """
+    context = mp.get_context("spawn")
+    results, errors = context.SimpleQueue(), context.SimpleQueue()
+    count = len(plan.device_indices)
+    # A file store: no server thread in rank 0 that could die before the others have left the group.
+    store = tempfile.NamedTemporaryFile(prefix="torchinit-store-", delete=False)
+    store.close()
+    try:
+        mp.start_processes(_worker, args=(fabric_args, fn, args, f"file://{store.name}", count, results, errors),
+                           nprocs=count, start_method="spawn", join=True)
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as error:
+        failures = []
+        while not errors.empty():
+            failures.append(errors.get())
+        if not failures:
+            raise RuntimeError(f"Rank {error.error_index} of {count} failed ({error}); the other ranks were "
+                               "stopped.") from None
+        failures.sort()
+        _, rank, trace = failures[0]
+        later = "".join(f"\nrank {r} failed after it: {t.strip().splitlines()[-1]}" for _, r, t in failures[1:])
+        raise RuntimeError(f"Rank {rank} of {count} failed first; the other ranks were stopped.{later}\n"
+                           f"Rank {rank}'s error:\n{trace}") from None
+    finally:
+        if os.path.exists(store.name):
+            os.unlink(store.name)
+    return results.get() if not results.empty() else None
+
+
+def _worker(local_rank: int, fabric_args: dict, fn: Callable, args: tuple, init_method: str, count: int, results,
+            errors) -> None:
+    from torchinit.fabric import Fabric
+
+    fabric = Fabric(**fabric_args)
+    fabric._join(Ranks(local_rank, local_rank, 0, count), init_method)
+    try:
+        result = fn(fabric, *args)
+        if local_rank == 0:
+            results.put(result)
+        del result
+        dist.barrier()  # nobody tears the group down while another rank still talks through it
+    except BaseException:
+        errors.put((time.time(), local_rank, traceback.format_exc()))
+        raise
+    finally:
+        # DDP's reducer keeps the group alive through reference cycles; a group that outlives Python's
+        # shutdown aborts the process, so collect them first.
+        gc.collect()
+        dist.destroy_process_group()
+
+
+def start_script_ranks(plan: Plan) -> tuple[Ranks, str]:
+    """Re-run this script for local ranks 1..N-1 with torchrun's variables; this process is rank 0."""
+    if plan.num_nodes > 1:
+        raise RuntimeError(
+            f"num_nodes={plan.num_nodes}: start every node with torchrun (--nnodes, --nproc-per-node); "
+            "Fabric.launch() only starts processes on this machine."
+        )
+    port, count = free_port(), len(plan.device_indices)
+    command = [sys.executable, *sys.orig_argv[1:]]
+    if len(command) < 2 or command[1] == "-c" and len(command) < 3:
+        raise RuntimeError("launch() without a function re-runs this script, but there is no script (interactive "
+                           "session): call launch(fn, *args) instead.")
+    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(count)}
+    children = [
+        subprocess.Popen(command, env={**base, "RANK": str(r), "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": str(count)})
+        for r in range(1, count)
+    ]
+    threading.Thread(target=_watch, args=(children,), daemon=True, name="torchinit-watchdog").start()
+    atexit.register(_finish, children)
+    return Ranks(0, 0, 0, count), f"tcp://127.0.0.1:{port}"
+
+
+def _report(rank: int, code: int) -> None:
+    print(f"torchinit: rank {rank} exited with code {code}; stopping all ranks.", file=sys.stderr, flush=True)
+
+
+def _watch(children: list[subprocess.Popen]) -> None:
+    """If another rank dies with an error, end them all: rank 0 may be blocked in a collective forever."""
+    while True:
+        for rank, child in enumerate(children, start=1):
+            code = child.poll()
+            if code not in (None, 0):
+                _report(rank, code)
+                _stop(children)
+                os._exit(1)
+        if all(child.poll() == 0 for child in children):
+            return
+        time.sleep(0.2)
+
+
+def _stop(children: list[subprocess.Popen]) -> None:
+    for child in children:
+        if child.poll() is None:
+            child.kill()
+
+
+def _finish(children: list[subprocess.Popen]) -> None:
+    """At rank 0's exit: wait for the others (they run the same program). If rank 0 failed, give them a few
+    seconds to end on their own (so that the rank that failed first is named), then stop them. Any rank that
+    failed is named, and makes rank 0's exit code non-zero."""
+    if getattr(sys, "last_value", None) is not None:  # rank 0 ends with an uncaught exception
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(child.poll() is None for child in children):
+            time.sleep(0.05)
+        _stop(children)
+    codes = [child.wait() for child in children]
+    failed = [(rank, code) for rank, code in enumerate(codes, start=1) if code not in (0, -signal.SIGKILL)]
+    for rank, code in failed:
+        _report(rank, code)
+    if failed:
+        os._exit(1)  # a group with a dead member cannot be torn down cleanly: leave without trying
+    leave_group()
+
+
+def leave_group() -> None:
+    """Destroy the process group after collecting the cycles that keep it alive (see `_worker`)."""
+    gc.collect()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,54 @@
+"""Functions that `Fabric.launch(fn)` runs in spawned processes (module level, so that they pickle)."""
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import torchinit
+
+
+def gathered(fabric, value):
+    out = [None] * fabric.world_size
+    dist.all_gather_object(out, value)
+    return out
+
+
+def checksum(module: nn.Module) -> list[float]:
+    return [float(p.detach().double().sum()) for p in module.parameters()]
+
+
+def ddp_training(fabric, empty_init):
+    """Build on each rank (meta context or init_module), set up, train one step on different data per rank."""
+    assert fabric.device == torch.device("cpu") and torch.distributed.get_backend() == "gloo"
+    if empty_init == "meta":
+        with torchinit.InitContext(fabric.device, fabric.plan.param_dtype, meta=True):
+            module = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    else:
+        torch.manual_seed(fabric.global_rank)  # different on purpose: DDP must make the ranks start equal
+        with fabric.init_module(empty_init=empty_init):
+            module = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        if empty_init:
+            module.load_state_dict({k: torch.full_like(v, fabric.global_rank + 1.0) for k, v in
+                                    module.state_dict().items()})
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)  # made before setup: must keep working
+    model, optimizer = fabric.setup(module, optimizer)
+    start = gathered(fabric, checksum(model))
+    data = torch.full((3, 4), float(fabric.global_rank + 1))  # different data on each rank
+    fabric.backward(model(data).sum())
+    optimizer.step()
+    after = gathered(fabric, checksum(model))
+    total = fabric.all_reduce(torch.tensor([fabric.global_rank + 1.0]))
+    mean = fabric.all_reduce(torch.tensor([fabric.global_rank + 1.0]), reduce_op="mean")
+    fabric.barrier()
+    return {
+        "ranks": gathered(fabric, (fabric.global_rank, fabric.local_rank, fabric.world_size, fabric.is_global_zero)),
+        "start": start, "after": after, "moved": start[0] != after[0],
+        "sum": total.item(), "mean": mean.item(), "broadcast": fabric.broadcast(f"from {fabric.global_rank}"),
+        "keys": list(model.state_dict()),
+    }
+
+
+def crash_on_rank_one(fabric):
+    if fabric.global_rank == 1:
+        raise ValueError("rank one broke")
+    fabric.barrier()  # rank 0 would wait here forever without the launcher's clean-up
