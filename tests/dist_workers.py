@@ -52,3 +52,38 @@ def crash_on_rank_one(fabric):
     if fabric.global_rank == 1:
         raise ValueError("rank one broke")
     fabric.barrier()  # rank 0 would wait here forever without the launcher's clean-up
+
+
+def tiny_llama():
+    from torchinit.models import Llama, config_for
+
+    return Llama(config_for("tiny"))  # tied embedding and head, RoPE buffer, RMSNorms
+
+
+def fsdp_build_and_setup(fabric, empty_init):
+    """init_module + setup under FSDP; returns each parameter's local shard and what the rank saw."""
+    with torchinit.nan_poison(), fabric.init_module(empty_init=empty_init):
+        module = tiny_llama()
+    assert all(p.device.type == "meta" for p in module.parameters()), "FSDP never builds the full model"
+    assert module.rope.inv_freq.device == fabric.device, "buffers are computed for real"
+    early = torch.optim.AdamW(module.parameters(), lr=1e-3)  # before setup, from meta parameters
+    with torchinit.nan_poison():
+        model = fabric.setup(module)
+    shards = {name: p.to_local().detach().clone() for name, p in model.named_parameters()}
+    return model, early, shards
+
+
+def fsdp_training(fabric, empty_init):
+    model, early, shards = fsdp_build_and_setup(fabric, empty_init)
+    full = {name: p.full_tensor().detach().clone() for name, p in model.named_parameters()}
+    early = fabric.setup_optimizers(early)  # the seed's order: setup(model), then setup_optimizers
+    ids = torch.tensor([[1, 2, 3, 4]])
+    fabric.backward(model(ids).float().pow(2).mean())
+    early.step()
+    moved = any(not torch.equal(p.full_tensor(), full[name]) for name, p in model.named_parameters())
+    return {
+        "full": full, "moved": moved, "tied": model.module.lm_head.weight is model.module.embed.weight,
+        "inv_freq": model.module.rope.inv_freq, "local_shapes": gathered(fabric, {n: tuple(s.shape) for n, s in
+                                                                              shards.items()}),
+        "dtype": {p.dtype for p in full.values()},
+    }

@@ -1,5 +1,6 @@
 """Launch and DDP with real processes (gloo on CPU). Every test has a deadline: a bug is a failure, not a hang."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -16,16 +17,25 @@ import torchinit
 DEADLINE = 180
 
 
-@pytest.fixture(autouse=True)
-def deadline():
+@contextlib.contextmanager
+def deadline_guard(seconds: int = DEADLINE):
+    """Raise TimeoutError in the test if it runs longer than `seconds`: a hang becomes a failure."""
     def expire(*_):
-        raise TimeoutError(f"distributed test still running after {DEADLINE} s: a hang")
+        raise TimeoutError(f"distributed test still running after {seconds} s: a hang")
 
     previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(DEADLINE)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture(autouse=True)
+def deadline():
+    with deadline_guard():
+        yield
 
 
 @pytest.mark.parametrize("empty_init", [False, True, "meta"])

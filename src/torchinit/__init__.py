@@ -12,10 +12,11 @@ from torchinit.materialize.materialize import (
 from torchinit.materialize.memory import InsufficientMemoryError
 from torchinit.materialize.unwritten import unwritten_names
 from torchinit.materialize.verify import VerificationError, tie_groups, verify
+from torchinit.plan import FSDPStrategy
 
 __all__ = [
-    "Fabric", "InitContext", "InsufficientMemoryError", "MaterializeError", "MaterializeReport", "RecordedInit",
-    "VerificationError", "materialize", "nan_poison", "register_init", "seed_everything", "tie_groups",
-    "unwritten_names", "verify",
+    "FSDPStrategy", "Fabric", "InitContext", "InsufficientMemoryError", "MaterializeError", "MaterializeReport",
+    "RecordedInit", "VerificationError", "materialize", "nan_poison", "register_init", "seed_everything",
+    "tie_groups", "unwritten_names", "verify",
 ]
 __version__ = "0.1.0"

@@ -15,7 +15,7 @@ from torch import nn
 from torchinit import launch as launcher
 from torchinit.init.context import InitContext
 from torchinit.plan import make_plan
-from torchinit.strategies import single
+from torchinit.strategies import fsdp, single
 
 
 class Fabric:
@@ -23,7 +23,8 @@ class Fabric:
 
     Args:
         accelerator: "auto", "cpu", "cuda", "gpu" or "mps".
-        strategy: "auto" (ddp when several devices), "single_device", "ddp" or "ddp_spawn".
+        strategy: "auto" (ddp when several devices), "single_device", "ddp", "ddp_spawn", "fsdp" or an
+            `FSDPStrategy(...)`.
         devices: how many processes on this machine (N, "N", -1 for all, "auto") or CUDA indices [0, 1].
         num_nodes: machines; more than one must be started with torchrun.
         precision: "64-true", "32-true", "16-true", "bf16-true", "16-mixed", "bf16-mixed" (aliases 64, 32,
@@ -45,6 +46,7 @@ class Fabric:
         self.plan = make_plan(accelerator, strategy, devices, num_nodes, precision)
         self._scaler = single.grad_scaler(self.plan)
         self._ranks = launcher.Ranks()
+        self._sharded: dict[int, nn.Parameter] = {}  # id(parameter before setup) -> the one sharding made
         self._launched = not self.plan.multi_process
         if seed is not None:
             seed_everything(seed)
@@ -90,7 +92,9 @@ class Fabric:
         until a checkpoint or `setup` writes it; reading it in forward raises.
         """
         self._require_launch("init_module()")
-        return InitContext(self.plan.device, self.plan.param_dtype, empty_init=bool(empty_init))
+        # Sharded strategies never build the full model: parameters on meta, materialized shard by shard in setup.
+        meta = self.plan.strategy == "fsdp"
+        return InitContext(self.plan.device, self.plan.param_dtype, empty_init=bool(empty_init), meta=meta)
 
     def init_tensor(self) -> InitContext:
         """Tensors created inside land on the device in the precision's dtype."""
@@ -110,7 +114,9 @@ class Fabric:
 
     def setup_module(self, module: nn.Module) -> single.FabricModule:
         self._require_launch("setup_module()")
-        return single.setup_module(module, self.plan)
+        wrapped, sharded = single.setup_module(module, self.plan)
+        self._sharded.update(sharded)
+        return wrapped
 
     def setup_optimizers(self, *optimizers: torch.optim.Optimizer) -> Any:
         self._require_launch("setup_optimizers()")
@@ -118,6 +124,9 @@ class Fabric:
         return wrapped[0] if len(wrapped) == 1 else tuple(wrapped)
 
     def _setup_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        single.check_optimizer(optimizer, model_set_up=False)
+        if self._sharded:  # made from the parameters before sharding: point it at the shards
+            fsdp.remap_optimizer(optimizer, self._sharded)
         single.check_optimizer(optimizer)
         return single.setup_optimizer(optimizer, self._scaler)
 

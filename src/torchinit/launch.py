@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import gc
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -24,6 +25,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -85,49 +87,48 @@ def free_port() -> int:
 def spawn(fabric_args: dict, plan: Plan, fn: Callable, args: tuple) -> Any:
     """Run `fn(fabric, *args)` in one new process per local device; return rank 0's result.
 
-    If ranks fail, the error names the one that failed first (the others usually fail because of it).
+    Results and errors travel through files in a temporary folder (a pipe would block a large result until the
+    parent reads, and the parent reads after the join); the process group meets through a file store there
+    too, so no rank hosts a server that could go away before the others. If ranks fail, the error names the
+    one that failed first (the others usually fail because of it).
     """
-    context = mp.get_context("spawn")
-    results, errors = context.SimpleQueue(), context.SimpleQueue()
     count = len(plan.device_indices)
-    # A file store: no server thread in rank 0 that could die before the others have left the group.
-    store = tempfile.NamedTemporaryFile(prefix="torchinit-store-", delete=False)
-    store.close()
-    try:
-        mp.start_processes(_worker, args=(fabric_args, fn, args, f"file://{store.name}", count, results, errors),
-                           nprocs=count, start_method="spawn", join=True)
-    except (mp.ProcessRaisedException, mp.ProcessExitedException) as error:
-        failures = []
-        while not errors.empty():
-            failures.append(errors.get())
-        if not failures:
-            raise RuntimeError(f"Rank {error.error_index} of {count} failed ({error}); the other ranks were "
-                               "stopped.") from None
-        failures.sort()
-        _, rank, trace = failures[0]
-        later = "".join(f"\nrank {r} failed after it: {t.strip().splitlines()[-1]}" for _, r, t in failures[1:])
-        raise RuntimeError(f"Rank {rank} of {count} failed first; the other ranks were stopped.{later}\n"
-                           f"Rank {rank}'s error:\n{trace}") from None
-    finally:
-        if os.path.exists(store.name):
-            os.unlink(store.name)
-    return results.get() if not results.empty() else None
+    with tempfile.TemporaryDirectory(prefix="torchinit-launch-") as folder:
+        try:
+            mp.start_processes(_worker, args=(fabric_args, fn, args, folder, count), nprocs=count,
+                               start_method="spawn", join=True)
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as error:
+            failures = sorted(_load(path) for path in Path(folder).glob("error-*.pkl"))
+            if not failures:
+                raise RuntimeError(f"Rank {error.error_index} of {count} failed ({error}); the other ranks were "
+                                   "stopped.") from None
+            _, rank, trace = failures[0]
+            later = "".join(f"\nrank {r} failed after it: {t.strip().splitlines()[-1]}" for _, r, t in failures[1:])
+            raise RuntimeError(f"Rank {rank} of {count} failed first; the other ranks were stopped.{later}\n"
+                               f"Rank {rank}'s error:\n{trace}") from None
+        result = Path(folder) / "result.pkl"
+        return _load(result) if result.exists() else None
 
 
-def _worker(local_rank: int, fabric_args: dict, fn: Callable, args: tuple, init_method: str, count: int, results,
-            errors) -> None:
+def _load(path: Path) -> Any:
+    return pickle.loads(path.read_bytes())
+
+
+def _worker(local_rank: int, fabric_args: dict, fn: Callable, args: tuple, folder: str, count: int) -> None:
     from torchinit.fabric import Fabric
 
     fabric = Fabric(**fabric_args)
-    fabric._join(Ranks(local_rank, local_rank, 0, count), init_method)
+    fabric._join(Ranks(local_rank, local_rank, 0, count), f"file://{folder}/store")
     try:
         result = fn(fabric, *args)
         if local_rank == 0:
-            results.put(result)
+            (Path(folder) / "result.pkl").write_bytes(pickle.dumps(result))
         del result
         dist.barrier()  # nobody tears the group down while another rank still talks through it
     except BaseException:
-        errors.put((time.time(), local_rank, traceback.format_exc()))
+        (Path(folder) / f"error-{local_rank}.pkl").write_bytes(
+            pickle.dumps((time.time(), local_rank, traceback.format_exc()))
+        )
         raise
     finally:
         # DDP's reducer keeps the group alive through reference cycles; a group that outlives Python's

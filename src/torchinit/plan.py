@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 # canonical precision -> (dtype of parameters, autocast dtype or None)
 PRECISIONS: dict[str, tuple[torch.dtype, torch.dtype | None]] = {
@@ -27,8 +29,26 @@ _PRECISION_ALIASES: dict[object, str] = {
 }
 ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
 SINGLE_DEVICE_STRATEGIES = ("auto", "single_device")
-AVAILABLE_MULTI_PROCESS = ("ddp", "ddp_spawn")
-COMING_STRATEGIES = ("fsdp", "deepspeed", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3")
+AVAILABLE_MULTI_PROCESS = ("ddp", "ddp_spawn", "fsdp")
+COMING_STRATEGIES = ("deepspeed", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3")
+
+WrapPolicy = set[type[nn.Module]] | Callable[[nn.Module], bool] | None
+
+
+@dataclass(frozen=True)
+class FSDPStrategy:
+    """FSDP2 options: `Fabric(strategy=FSDPStrategy(...))`; `strategy="fsdp"` is `FSDPStrategy()`.
+
+    Args:
+        wrap: which modules become their own shard group: a set of module classes, a predicate on modules,
+            or None for every element of every `nn.ModuleList` (transformer blocks). The root always is one.
+        reshard_after_forward: free the gathered parameters after forward (less memory, one more all-gather).
+        cpu_offload: keep shards and optimizer state on the CPU (CUDA only).
+    """
+
+    wrap: WrapPolicy = None
+    reshard_after_forward: bool = True
+    cpu_offload: bool = False
 MULTI_PROCESS_STRATEGIES = AVAILABLE_MULTI_PROCESS + COMING_STRATEGIES
 
 
@@ -48,6 +68,7 @@ class Plan:
     strategy: str
     device_indices: tuple[int, ...] = (0,)
     num_nodes: int = 1
+    options: FSDPStrategy | None = None  # the strategy object's settings, for strategies that have them
 
     @property
     def mixed(self) -> bool:
@@ -142,6 +163,8 @@ def resolve_devices(accelerator: str, devices: object, multi_process: bool) -> t
 
 
 def resolve_strategy(strategy: object, num_devices: int) -> str:
+    if isinstance(strategy, FSDPStrategy):
+        return "fsdp"
     if strategy == "auto":
         return "ddp" if num_devices > 1 else "single_device"
     if strategy == "single_device":
@@ -150,7 +173,7 @@ def resolve_strategy(strategy: object, num_devices: int) -> str:
                              "use strategy='ddp' (or 'auto').")
         return "single_device"
     if strategy in AVAILABLE_MULTI_PROCESS:
-        return "ddp"
+        return "fsdp" if strategy == "fsdp" else "ddp"
     if strategy in COMING_STRATEGIES:
         raise NotImplementedError(
             f"strategy={strategy!r} is not available yet in torchinit. Available now: "
@@ -166,7 +189,7 @@ def make_plan(accelerator: str, strategy: object, devices: object, num_nodes: in
     if not isinstance(num_nodes, int) or isinstance(num_nodes, bool) or num_nodes < 1:
         raise ValueError(f"num_nodes={num_nodes!r} is not valid: use a positive number.")
     resolved_accelerator = resolve_accelerator(accelerator)
-    wants_many = strategy not in SINGLE_DEVICE_STRATEGIES or num_nodes > 1
+    wants_many = isinstance(strategy, FSDPStrategy) or strategy not in SINGLE_DEVICE_STRATEGIES or num_nodes > 1
     indices = resolve_devices(resolved_accelerator, devices, wants_many)
     resolved_strategy = resolve_strategy(strategy, len(indices) * num_nodes)
     name = parse_precision(precision, resolved_accelerator)
@@ -180,4 +203,6 @@ def make_plan(accelerator: str, strategy: object, devices: object, num_nodes: in
         strategy=resolved_strategy,
         device_indices=indices,
         num_nodes=num_nodes,
+        options=strategy if isinstance(strategy, FSDPStrategy) else FSDPStrategy() if resolved_strategy == "fsdp"
+        else None,
     )

@@ -353,6 +353,7 @@ def _post_order(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def _ptr(t: torch.Tensor) -> tuple[torch.device, int]:
+    t = getattr(t, "_local_tensor", t)  # a DTensor's own memory is its local shard
     return t.device, t.untyped_storage().data_ptr()
 
 

@@ -63,6 +63,9 @@ def _bad_values(tensors: list[tuple[str, torch.Tensor]], module: nn.Module) -> l
     order: dict[torch.device, list[tuple[str, bool]]] = {}
     with torch.no_grad():
         for name, t in floating:
+            t = getattr(t, "_local_tensor", t)  # a DTensor: check this rank's shard
+            if not t.numel():
+                continue
             flat = torch.view_as_real(t.detach()).reshape(-1) if t.is_complex() else t.detach().reshape(-1)
             low, high = torch.aminmax(flat)  # NaN propagates into both; +-inf shows in one
             extremes.setdefault(t.device, []).append(torch.stack([low, high]).float())

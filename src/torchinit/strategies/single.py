@@ -12,7 +12,7 @@ from torch import nn
 from torchinit.materialize import unwritten
 from torchinit.materialize.materialize import materialize
 from torchinit.plan import Plan
-from torchinit.strategies import ddp
+from torchinit.strategies import ddp, fsdp
 
 
 def autocast(plan: Plan):
@@ -29,10 +29,11 @@ def grad_scaler(plan: Plan) -> torch.amp.GradScaler | None:
     return None
 
 
-def setup_module(module: nn.Module, plan: Plan) -> FabricModule:
+def setup_module(module: nn.Module, plan: Plan) -> tuple[FabricModule, dict[int, nn.Parameter]]:
     """Materialize on the plan's device and dtype (meta and unwritten tensors get their init), verify, wrap.
 
-    Materialization swaps data into the same Parameter objects, so optimizers made before stay valid.
+    Returns the wrapper and, where sharding replaced Parameter objects (FSDP), {id(old): new}. Otherwise
+    materialization swaps data into the same Parameter objects, so optimizers made before stay valid.
     """
     if isinstance(module, FabricModule):
         raise ValueError("This module was already set up by a Fabric; pass the original module only once.")
@@ -44,6 +45,8 @@ def setup_module(module: nn.Module, plan: Plan) -> FabricModule:
             stacklevel=3,
         )
     empty = unwritten.unwritten_names(module)
+    if plan.strategy == "fsdp":
+        return FabricModule(module, plan), fsdp.shard(module, plan, plan.options)
     materialize(module, plan.device, plan.param_dtype)
     if empty:
         warnings.warn(
@@ -52,7 +55,7 @@ def setup_module(module: nn.Module, plan: Plan) -> FabricModule:
             stacklevel=3,
         )
     forward = ddp.replicate(module, plan) if plan.strategy == "ddp" else module
-    return FabricModule(forward, plan, original=module)
+    return FabricModule(forward, plan, original=module), {}
 
 
 class FabricModule(nn.Module):

@@ -1,0 +1,97 @@
+"""FSDP2: shard with `fully_shard`, one wrap unit at a time, so a rank never holds more than its shards plus one
+unit in full.
+
+1. Choose the units (the policy; by default every block of every ModuleList), skipping any unit that would
+   split a tied parameter from its other uses: FSDP2 needs a tie inside one group.
+2. For each unit, children first: `materialize` it on the device (its parameters in full, each filled by its
+   one source, with the same random stream on every rank), then `fully_shard` it (each rank keeps its slice
+   and the full tensors are freed). Values therefore do not depend on the world size (G7).
+3. The root last; then the Parameter objects FSDP made are mapped from the ones the user had, so optimizers
+   made before `setup` can be pointed at them.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+from torchinit.materialize.materialize import _post_order, materialize
+from torchinit.materialize.verify import tie_groups, verify
+from torchinit.plan import FSDPStrategy, Plan, WrapPolicy
+
+
+def shard(module: nn.Module, plan: Plan, options: FSDPStrategy) -> dict[int, nn.Parameter]:
+    """Materialize and shard `module` in place; returns {id(old Parameter): new sharded Parameter}."""
+    before = {id(p): (name, p) for name, p in module.named_parameters()}
+    ties = tie_groups(module)
+    kwargs = _shard_kwargs(plan, options)
+    for unit in _units(module, options.wrap):
+        materialize(unit, plan.device, plan.param_dtype, check_values=False)
+        fully_shard(unit, **kwargs)
+    materialize(module, plan.device, plan.param_dtype, check_values=False)
+    fully_shard(module, **kwargs)
+    verify(module, ties)
+    now = dict(module.named_parameters())
+    return {old: now[name] for old, (name, _) in before.items() if name in now}
+
+
+def _shard_kwargs(plan: Plan, options: FSDPStrategy) -> dict:
+    mesh = init_device_mesh(plan.device.type, (plan.world_size,))
+    mixed = MixedPrecisionPolicy(param_dtype=plan.autocast_dtype, reduce_dtype=torch.float32) if plan.mixed \
+        else MixedPrecisionPolicy()
+    if options.cpu_offload and plan.device.type != "cuda":
+        raise ValueError("FSDPStrategy(cpu_offload=True) moves shards from a GPU to the CPU; on CPU there is nothing "
+                         "to offload. Use cpu_offload=False.")
+    offload = CPUOffloadPolicy() if options.cpu_offload else OffloadPolicy()
+    return dict(mesh=mesh, reshard_after_forward=options.reshard_after_forward, mp_policy=mixed,
+                offload_policy=offload)
+
+
+def _units(module: nn.Module, wrap: WrapPolicy) -> list[nn.Module]:
+    """The modules to shard on their own, children first, root excluded; none that would split a tie."""
+    chosen = _policy(wrap, module)
+    homes: dict[int, set[int]] = {}  # parameter -> modules holding it directly
+    for sub in module.modules():
+        for p in sub._parameters.values():
+            if p is not None:
+                homes.setdefault(id(p), set()).add(id(sub))
+    units, split = [], []
+    for path, sub in _post_order(module):
+        if sub is module or not chosen(sub):
+            continue
+        inside = {id(m) for m in sub.modules()}
+        tied_out = [name for name, p in sub.named_parameters() if not homes[id(p)] <= inside]
+        if tied_out:
+            split.append(f"'{path}' ({', '.join(tied_out)})")
+            continue
+        units.append(sub)
+    if split and wrap is not None:
+        warnings.warn(
+            f"Not sharding {', '.join(split)} as their own FSDP groups: these parameters are tied to modules outside "
+            "them, and a tie must live in one group. They are sharded with their parent instead.",
+            stacklevel=4,
+        )
+    return units
+
+
+def _policy(wrap: WrapPolicy, root: nn.Module) -> Callable[[nn.Module], bool]:
+    if wrap is None:  # the blocks of a transformer: every element of every ModuleList
+        blocks = {id(m) for sub in root.modules() if isinstance(sub, nn.ModuleList) for m in sub}
+        return lambda m: id(m) in blocks
+    if callable(wrap) and not isinstance(wrap, (set, frozenset, list, tuple)):
+        return wrap
+    classes = tuple(wrap)
+    if not all(isinstance(c, type) and issubclass(c, nn.Module) for c in classes):
+        raise TypeError(f"FSDPStrategy(wrap=...) takes module classes, a predicate or None, not {wrap!r}.")
+    return lambda m: isinstance(m, classes)
+
+
+def remap_optimizer(optimizer: torch.optim.Optimizer, mapping: dict[int, nn.Parameter]) -> None:
+    """Point an optimizer made from the unsharded parameters at the sharded ones (it must hold no state yet)."""
+    for group in optimizer.param_groups:
+        group["params"] = [mapping.get(id(p), p) for p in group["params"]]

@@ -1,0 +1,64 @@
+"""FSDP2 with meta init: only shards are allocated, and values do not depend on the world size (G7)."""
+
+import pytest
+import torch
+import torch.distributed as dist
+from dist_workers import fsdp_build_and_setup, fsdp_training, tiny_llama
+from test_distributed import deadline, deadline_guard  # noqa: F401  (the hang guard, also for fixtures)
+from test_exact import eager
+
+import torchinit
+from torchinit.launch import Ranks
+
+
+@pytest.fixture(scope="module")
+def world():
+    """Full parameters after FSDP setup for world sizes 1 and 2 (real gloo processes)."""
+    with deadline_guard():
+        return {n: torchinit.Fabric(accelerator="cpu", strategy="fsdp", devices=n, precision="bf16-true", seed=0)
+                .launch(fsdp_training, True) for n in (1, 2)}
+
+
+def test_values_do_not_depend_on_the_world_size(world):
+    one, two = world[1], world[2]
+    assert one["full"].keys() == two["full"].keys()
+    for name, value in one["full"].items():
+        assert torch.equal(value, two["full"][name]), name
+    assert one["dtype"] == {torch.bfloat16}
+    assert all(torch.isfinite(v).all() for v in one["full"].values())
+
+
+def test_each_rank_holds_a_distinct_slice_and_ties_survive(world):
+    two = world[2]
+    shapes = two["local_shapes"]
+    for name, full in two["full"].items():
+        rows = [shapes[r][name][0] for r in range(2)]
+        assert sum(rows) == full.shape[0] and rows[0] == (full.shape[0] + 1) // 2, name
+    assert two["tied"] and "lm_head.weight" not in two["full"], "the tied head is the embedding, one group"
+    assert torch.equal(two["inv_freq"], eager(tiny_llama, torch.bfloat16).rope.inv_freq)
+    assert two["moved"], "a training step through an optimizer made before setup"
+
+
+def test_four_ranks_with_the_fake_process_group(world):
+    """World size 4 in one process: each fake rank's shard, stacked, is world size 1's parameter."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    shards = []
+    for rank in range(4):
+        fabric = torchinit.Fabric(accelerator="cpu", strategy="fsdp", devices=4, precision="bf16-true", seed=0)
+        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=4)
+        try:
+            fabric._ranks, fabric._launched = Ranks(rank, rank, 0, 4), True
+            shards.append(fsdp_build_and_setup(fabric, False)[2])  # empty_init=False: meta as well
+        finally:
+            dist.destroy_process_group()
+    for name, full in world[1]["full"].items():
+        stacked = torch.cat([s[name] for s in shards])
+        assert torch.equal(stacked, full), name
+        assert sum(s[name].numel() > 0 for s in shards) == min(4, full.shape[0]), "distinct, non-empty slices"
+
+
+def test_fsdp_options_and_bad_input():
+    assert torchinit.Fabric(accelerator="cpu", strategy="fsdp").plan.options == torchinit.FSDPStrategy()
+    custom = torchinit.FSDPStrategy(wrap={torch.nn.Linear}, reshard_after_forward=False)
+    assert torchinit.Fabric(accelerator="cpu", strategy=custom, devices=2).plan.options is custom
