@@ -87,3 +87,15 @@ def fsdp_training(fabric, empty_init):
                                                                               shards.items()}),
         "dtype": {p.dtype for p in full.values()},
     }
+
+
+def seed_snippet(fabric):
+    """The seed's code, as written there (with our bundled Llama as MyModel)."""
+    with fabric.init_module(empty_init=True):
+        model = tiny_llama()
+    model = fabric.setup(model)
+    optimizer = fabric.setup_optimizers(torch.optim.Adam(model.parameters()))
+    loss = model(torch.tensor([[1, 2, 3]])).float().pow(2).mean()
+    fabric.backward(loss)
+    optimizer.step()
+    return fabric.all_reduce(loss.detach(), reduce_op="mean").item()

@@ -3,12 +3,14 @@
 import pytest
 import torch
 import torch.distributed as dist
-from dist_workers import fsdp_build_and_setup, fsdp_training, tiny_llama
+from dist_workers import fsdp_build_and_setup, fsdp_training, seed_snippet, tiny_llama
 from test_distributed import deadline, deadline_guard  # noqa: F401  (the hang guard, also for fixtures)
 from test_exact import eager
 
 import torchinit
 from torchinit.launch import Ranks
+from torchinit.models.llama import Block
+from torchinit.strategies import fsdp
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +60,31 @@ def test_four_ranks_with_the_fake_process_group(world):
         assert sum(s[name].numel() > 0 for s in shards) == min(4, full.shape[0]), "distinct, non-empty slices"
 
 
-def test_fsdp_options_and_bad_input():
+def test_the_seeds_snippet_under_fsdp():
+    fabric = torchinit.Fabric(accelerator="cpu", precision="bf16-true", strategy="fsdp", devices=2, seed=0)
+    assert torch.isfinite(torch.tensor(fabric.launch(seed_snippet)))
+
+
+def test_fsdp_options():
     assert torchinit.Fabric(accelerator="cpu", strategy="fsdp").plan.options == torchinit.FSDPStrategy()
     custom = torchinit.FSDPStrategy(wrap={torch.nn.Linear}, reshard_after_forward=False)
     assert torchinit.Fabric(accelerator="cpu", strategy=custom, devices=2).plan.options is custom
+
+
+def test_wrap_policies_and_ties():
+    model = tiny_llama()
+    blocks = list(model.layers)
+    assert fsdp._units(model, None) == blocks, "default: the blocks of every ModuleList"
+    assert fsdp._units(model, {Block}) == blocks
+    assert fsdp._units(model, lambda m: m is model.norm) == [model.norm]
+    with pytest.warns(UserWarning, match=r"Not sharding 'embed' \(weight\).*tied"):
+        units = fsdp._units(model, {torch.nn.Embedding, torch.nn.Linear})
+    assert model.embed not in units and model.lm_head not in units and model.layers[0].attn.q_proj in units
+    with pytest.raises(TypeError, match="module classes"):
+        fsdp._units(model, {"Block"})
+
+
+def test_cpu_offload_needs_a_gpu():
+    plan = torchinit.Fabric(accelerator="cpu", strategy="fsdp").plan
+    with pytest.raises(ValueError, match="cpu_offload=True"):
+        fsdp._shard_kwargs(plan, torchinit.FSDPStrategy(cpu_offload=True))

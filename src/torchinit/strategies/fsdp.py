@@ -41,13 +41,13 @@ def shard(module: nn.Module, plan: Plan, options: FSDPStrategy) -> dict[int, nn.
 
 
 def _shard_kwargs(plan: Plan, options: FSDPStrategy) -> dict:
-    mesh = init_device_mesh(plan.device.type, (plan.world_size,))
-    mixed = MixedPrecisionPolicy(param_dtype=plan.autocast_dtype, reduce_dtype=torch.float32) if plan.mixed \
-        else MixedPrecisionPolicy()
     if options.cpu_offload and plan.device.type != "cuda":
         raise ValueError("FSDPStrategy(cpu_offload=True) moves shards from a GPU to the CPU; on CPU there is nothing "
                          "to offload. Use cpu_offload=False.")
     offload = CPUOffloadPolicy() if options.cpu_offload else OffloadPolicy()
+    mixed = MixedPrecisionPolicy(param_dtype=plan.autocast_dtype, reduce_dtype=torch.float32) if plan.mixed \
+        else MixedPrecisionPolicy()
+    mesh = init_device_mesh(plan.device.type, (plan.world_size,))
     return dict(mesh=mesh, reshard_after_forward=options.reshard_after_forward, mp_policy=mixed,
                 offload_policy=offload)
 
