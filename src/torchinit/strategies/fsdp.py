@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
 from torchinit.materialize.materialize import _post_order, materialize
 from torchinit.materialize.verify import tie_groups, verify
@@ -26,15 +27,20 @@ from torchinit.plan import FSDPStrategy, Plan, WrapPolicy
 
 
 def shard(module: nn.Module, plan: Plan, options: FSDPStrategy) -> dict[int, nn.Parameter]:
-    """Materialize and shard `module` in place; returns {id(old Parameter): new sharded Parameter}."""
+    """Materialize and shard `module` in place; returns {id(old Parameter): new sharded Parameter}.
+
+    The old Parameter objects keep no memory afterwards (an optimizer made from them is remapped by id, and
+    holding them keeps the ids unique).
+    """
     before = {id(p): (name, p) for name, p in module.named_parameters()}
     ties = tie_groups(module)
     kwargs = _shard_kwargs(plan, options)
-    for unit in _units(module, options.wrap):
+    for unit in [*_units(module, options.wrap), module]:
+        full = [p for p in unit.parameters() if not isinstance(p, DTensor)]
         materialize(unit, plan.device, plan.param_dtype, check_values=False)
         fully_shard(unit, **kwargs)
-    materialize(module, plan.device, plan.param_dtype, check_values=False)
-    fully_shard(module, **kwargs)
+        for p in full:  # FSDP copied this rank's slice; the old objects stay only as keys for optimizers
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
     verify(module, ties)
     now = dict(module.named_parameters())
     return {old: now[name] for old, (name, _) in before.items() if name in now}

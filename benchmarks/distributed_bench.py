@@ -1,0 +1,128 @@
+"""Benchmark sharded set-up: per-rank peak memory and time of init_module + setup with FSDP, against building the
+full model first, and against single-process meta materialization.
+
+Each case is one `Fabric(...).launch(fn)` (fresh processes). Per rank it reports the wall time of construction +
+setup and the peak RSS growth during it (host memory; on CUDA the device peak). The target line is
+model / world + the largest wrap unit + 10 %.
+
+    python benchmarks/distributed_bench.py --size 1b --devices 2
+    python benchmarks/distributed_bench.py --size 7b --device cuda --devices 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+
+import psutil
+import torch
+
+import torchinit
+from torchinit.demo import DTYPES, SIZES, resolve_device, run_isolated
+from torchinit.models import Llama, config_for, num_parameters
+
+MiB = 2**20
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _measure(fabric, build) -> dict:
+    """Time and peak memory growth of `build()` on this rank; returns every rank's numbers."""
+    cuda = fabric.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    base = psutil.Process().memory_info().rss
+    fabric.barrier()
+    start = time.perf_counter()
+    model = build()
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    grown = max(0, _peak_rss() - base) / MiB
+    device = torch.cuda.max_memory_allocated() / MiB if cuda else None
+    shard_mib = sum(p.to_local().numel() * p.element_size() for p in model.parameters()) / MiB
+    out = [None] * fabric.world_size
+    torch.distributed.all_gather_object(out, (seconds, grown, device, shard_mib))
+    return out
+
+
+def torchinit_fsdp(fabric, size: str):
+    def build():
+        with fabric.init_module(empty_init=True):
+            model = Llama(config_for(size))
+        return fabric.setup(model)
+    return _measure(fabric, build)
+
+
+def full_model_first(fabric, size: str):
+    """What happens without init_module: every rank builds the whole model, then shards it."""
+    def build():
+        torch.manual_seed(0)
+        with torch.device(fabric.device):
+            model = Llama(config_for(size)).to(fabric.plan.param_dtype)
+        return fabric.setup(model)
+    return _measure(fabric, build)
+
+
+def single_process_materialize(size: str, device: str, precision: str) -> float:
+    """The reference: one process, meta construction + materialize, best of two (the first pays warm-up)."""
+    dtype, times = DTYPES[precision], []
+    for _ in range(2):
+        start = time.perf_counter()
+        with torchinit.InitContext(device, dtype, meta=True):
+            model = Llama(config_for(size))
+        torchinit.materialize(model, device, dtype)
+        times.append(time.perf_counter() - start)
+        del model
+    return min(times)
+
+
+def _largest_unit_mib(size: str, dtype: torch.dtype) -> float:
+    with torch.device("meta"):
+        model = Llama(config_for(size))
+    block = sum(p.numel() for p in model.layers[0].parameters())
+    root = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("layers."))
+    return max(block, root) * dtype.itemsize / MiB
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="1b", choices=SIZES)
+    parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--precision", default="bf16-true", choices=list(DTYPES))
+    args = parser.parse_args(argv)
+    device, dtype = resolve_device(args.device), DTYPES[args.precision]
+    model_mib = num_parameters(config_for(args.size)) * dtype.itemsize / MiB
+    unit_mib = _largest_unit_mib(args.size, dtype)
+    target = (model_mib / args.devices + unit_mib) * 1.1
+    print(f"Llama {args.size}: {model_mib:,.0f} MiB in {args.precision}; {args.devices} rank(s) on {device}; "
+          f"largest wrap unit {unit_mib:,.0f} MiB; per-rank target {target:,.0f} MiB", flush=True)
+
+    reference = run_isolated(single_process_materialize, args.size, device, args.precision)
+    print(f"single-process meta + materialize: {reference:.2f} s", flush=True)
+    rows = {}
+    for name, fn in (("torchinit FSDP init_module(empty_init) + setup", torchinit_fsdp),
+                     ("full model first, then FSDP setup", full_model_first)):
+        print(f"{name} ...", flush=True)
+        fabric = torchinit.Fabric(accelerator=device, strategy="fsdp", devices=args.devices, precision=args.precision,
+                                  seed=0)
+        rows[name] = fabric.launch(fn, args.size)
+
+    print()
+    print(f"{'case':<50}{'rank':>5}{'s':>9}{'/ 1-proc':>10}{'peak MiB':>11}{'/ target':>10}{'dev MiB':>10}"
+          f"{'shard MiB':>11}")
+    for name, ranks in rows.items():
+        for rank, (seconds, grown, dev, shard) in enumerate(ranks):
+            peak = dev if dev is not None else grown
+            print(f"{name:<50}{rank:>5}{seconds:>9.2f}{seconds / reference:>9.2f}x{grown:>11,.0f}"
+                  f"{peak / target:>9.2f}x{'-' if dev is None else f'{dev:,.0f}':>10}{shard:>11,.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
