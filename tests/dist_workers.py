@@ -99,3 +99,41 @@ def seed_snippet(fabric):
     fabric.backward(loss)
     optimizer.step()
     return fabric.all_reduce(loss.detach(), reduce_op="mean").item()
+
+
+class PostInit(nn.Module):
+    """Init after the submodules' __init__, as transformers' post_init does: ZeRO-3 must not lose it."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+        nn.init.constant_(self.body[0].weight, 0.5)
+        self.body[2].bias.data.fill_(3.0)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def deepspeed_training(fabric, empty_init, joint):
+    """Build under the DeepSpeed init context, set up in either order, take a step; gather to check values."""
+    import deepspeed
+
+    with fabric.init_module(empty_init=empty_init):
+        module = PostInit()
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-2)
+    if joint:
+        model, optimizer = fabric.setup(module, optimizer)
+    else:
+        model = fabric.setup(module)
+        optimizer = fabric.setup_optimizers(optimizer)
+    params = list(module.parameters())
+    partitioned = all(p.numel() == 0 for p in params) if fabric.plan.options.stage == 3 else None
+    with deepspeed.zero.GatheredParameters(params):
+        start = {n: p.detach().float().clone() for n, p in module.named_parameters()}
+    loss = model(torch.ones(2, 8)).float().pow(2).mean()
+    fabric.backward(loss)
+    optimizer.step()
+    with deepspeed.zero.GatheredParameters(params):
+        after = {n: p.detach().float().clone() for n, p in module.named_parameters()}
+    return {"start": start, "after": after, "partitioned": partitioned, "loss": float(loss),
+            "same": gathered(fabric, [float(v.sum()) for v in after.values()])}

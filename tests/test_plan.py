@@ -74,9 +74,13 @@ def test_single_device_strategy_with_several_devices_is_an_error():
         torchinit.Fabric(accelerator="cpu", strategy="single_device", devices=2)
 
 
-@pytest.mark.parametrize("strategy", ["deepspeed", "deepspeed_stage_1", "deepspeed_stage_3"])
-def test_sharded_strategies_not_available_yet(strategy):
-    with pytest.raises(NotImplementedError, match="not available yet"):
+@pytest.mark.parametrize("strategy", ["deepspeed", "deepspeed_stage_3"])
+def test_deepspeed_missing_says_how_to_install(strategy, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    with pytest.raises(RuntimeError, match="pip install deepspeed"):
         torchinit.Fabric(accelerator="cpu", strategy=strategy)
 
 

@@ -12,11 +12,11 @@ from torchinit.materialize.materialize import (
 from torchinit.materialize.memory import InsufficientMemoryError
 from torchinit.materialize.unwritten import unwritten_names
 from torchinit.materialize.verify import VerificationError, tie_groups, verify
-from torchinit.plan import FSDPStrategy
+from torchinit.plan import DeepSpeedStrategy, FSDPStrategy
 
 __all__ = [
-    "FSDPStrategy", "Fabric", "InitContext", "InsufficientMemoryError", "MaterializeError", "MaterializeReport",
-    "RecordedInit", "VerificationError", "materialize", "nan_poison", "register_init", "seed_everything",
-    "tie_groups", "unwritten_names", "verify",
+    "DeepSpeedStrategy", "FSDPStrategy", "Fabric", "InitContext", "InsufficientMemoryError", "MaterializeError",
+    "MaterializeReport", "RecordedInit", "VerificationError", "materialize", "nan_poison", "register_init",
+    "seed_everything", "tie_groups", "unwritten_names", "verify",
 ]
 __version__ = "0.1.0"

@@ -5,7 +5,8 @@ from __future__ import annotations
 import atexit
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -15,6 +16,7 @@ from torch import nn
 from torchinit import launch as launcher
 from torchinit.init.context import InitContext
 from torchinit.plan import make_plan
+from torchinit.strategies import deepspeed as ds
 from torchinit.strategies import fsdp, single
 
 
@@ -47,6 +49,7 @@ class Fabric:
         self._scaler = single.grad_scaler(self.plan)
         self._ranks = launcher.Ranks()
         self._sharded: dict[int, nn.Parameter] = {}  # id(parameter before setup) -> the one sharding made
+        self._engine: ds.Engine | None = None  # DeepSpeed's, once setup made it
         self._launched = not self.plan.multi_process
         if seed is not None:
             seed_everything(seed)
@@ -92,9 +95,20 @@ class Fabric:
         until a checkpoint or `setup` writes it; reading it in forward raises.
         """
         self._require_launch("init_module()")
-        # Sharded strategies never build the full model: parameters on meta, materialized shard by shard in setup.
+        if self.plan.strategy == "deepspeed":
+            return self._deepspeed_init(bool(empty_init))
+        # FSDP never builds the full model: parameters on meta, materialized shard by shard in setup.
         meta = self.plan.strategy == "fsdp"
         return InitContext(self.plan.device, self.plan.param_dtype, empty_init=bool(empty_init), meta=meta)
+
+    @contextmanager
+    def _deepspeed_init(self, empty_init: bool) -> Iterator[None]:
+        """The engine's dtype; for ZeRO-3 also `deepspeed.zero.Init` (partition each module as it is built)."""
+        with ExitStack() as stack:
+            if self.plan.options.stage == 3:
+                stack.enter_context(ds.zero_init(self.plan, self.plan.options, skip_writes=empty_init))
+            stack.enter_context(InitContext(self.plan.device, ds.param_dtype(self.plan), empty_init=empty_init))
+            yield
 
     def init_tensor(self) -> InitContext:
         """Tensors created inside land on the device in the precision's dtype."""
@@ -116,6 +130,8 @@ class Fabric:
         self._require_launch("setup_module()")
         wrapped, sharded = single.setup_module(module, self.plan)
         self._sharded.update(sharded)
+        if isinstance(wrapped._forward_module, ds.Engine):
+            self._engine = wrapped._forward_module
         return wrapped
 
     def setup_optimizers(self, *optimizers: torch.optim.Optimizer) -> Any:
@@ -123,8 +139,14 @@ class Fabric:
         wrapped = [self._setup_optimizer(opt) for opt in optimizers]
         return wrapped[0] if len(wrapped) == 1 else tuple(wrapped)
 
-    def _setup_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    def _setup_optimizer(self, optimizer: torch.optim.Optimizer) -> Any:
         single.check_optimizer(optimizer, model_set_up=False)
+        if self.plan.strategy == "deepspeed":
+            if self._engine is None:
+                raise RuntimeError("Under DeepSpeed the engine needs the model: call fabric.setup(model) before "
+                                   "setup_optimizers(optimizer), or fabric.setup(model, optimizer).")
+            self._engine.start(optimizer)
+            return ds.EngineOptimizer(self._engine)
         if self._sharded:  # made from the parameters before sharding: point it at the shards
             fsdp.remap_optimizer(optimizer, self._sharded)
         single.check_optimizer(optimizer)
@@ -132,6 +154,9 @@ class Fabric:
 
     # ---- run -------------------------------------------------------------------------------------
     def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
+        if self._engine is not None and self._engine.engine is not None:  # its loss scaling and ZeRO hooks
+            self._engine.engine.backward(loss, **kwargs)
+            return
         if self._scaler is not None:
             loss = self._scaler.scale(loss)
         loss.backward(**kwargs)

@@ -117,6 +117,9 @@ def _load(path: Path) -> Any:
 def _worker(local_rank: int, fabric_args: dict, fn: Callable, args: tuple, folder: str, count: int) -> None:
     from torchinit.fabric import Fabric
 
+    # torchrun's variables, for libraries that read them (DeepSpeed does)
+    os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(count),
+                      LOCAL_WORLD_SIZE=str(count))
     fabric = Fabric(**fabric_args)
     fabric._join(Ranks(local_rank, local_rank, 0, count), f"file://{folder}/store")
     try:
@@ -154,6 +157,7 @@ def start_script_ranks(plan: Plan) -> tuple[Ranks, str]:
         subprocess.Popen(command, env={**base, "RANK": str(r), "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": str(count)})
         for r in range(1, count)
     ]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE=str(count), LOCAL_WORLD_SIZE=str(count))
     threading.Thread(target=_watch, args=(children,), daemon=True, name="torchinit-watchdog").start()
     atexit.register(_finish, children)
     return Ranks(0, 0, 0, count), f"tcp://127.0.0.1:{port}"

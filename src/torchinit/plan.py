@@ -7,6 +7,7 @@ argument checking happens here, once, with errors that list what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,8 +30,8 @@ _PRECISION_ALIASES: dict[object, str] = {
 }
 ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
 SINGLE_DEVICE_STRATEGIES = ("auto", "single_device")
-AVAILABLE_MULTI_PROCESS = ("ddp", "ddp_spawn", "fsdp")
-COMING_STRATEGIES = ("deepspeed", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3")
+DEEPSPEED_STAGES = {"deepspeed": 2, "deepspeed_stage_1": 1, "deepspeed_stage_2": 2, "deepspeed_stage_3": 3}
+AVAILABLE_MULTI_PROCESS = ("ddp", "ddp_spawn", "fsdp", *DEEPSPEED_STAGES)
 
 WrapPolicy = set[type[nn.Module]] | Callable[[nn.Module], bool] | None
 
@@ -49,7 +50,23 @@ class FSDPStrategy:
     wrap: WrapPolicy = None
     reshard_after_forward: bool = True
     cpu_offload: bool = False
-MULTI_PROCESS_STRATEGIES = AVAILABLE_MULTI_PROCESS + COMING_STRATEGIES
+
+
+@dataclass(frozen=True)
+class DeepSpeedStrategy:
+    """DeepSpeed options: `Fabric(strategy=DeepSpeedStrategy(stage=3, config={...}))`.
+
+    `"deepspeed"` is stage 2 (as in Lightning), `"deepspeed_stage_N"` stage N. The DeepSpeed config is built
+    from the precision and the stage; `config` entries are merged over it (yours win).
+    """
+
+    stage: int = 2
+    config: dict | None = None
+
+    def __post_init__(self) -> None:
+        if self.stage not in (1, 2, 3):
+            raise ValueError(f"DeepSpeedStrategy(stage={self.stage!r}): ZeRO stages are 1, 2 and 3.")
+MULTI_PROCESS_STRATEGIES = AVAILABLE_MULTI_PROCESS
 
 
 @dataclass(frozen=True)
@@ -68,7 +85,7 @@ class Plan:
     strategy: str
     device_indices: tuple[int, ...] = (0,)
     num_nodes: int = 1
-    options: FSDPStrategy | None = None  # the strategy object's settings, for strategies that have them
+    options: FSDPStrategy | DeepSpeedStrategy | None = None  # the strategy's settings, where it has any
 
     @property
     def mixed(self) -> bool:
@@ -165,6 +182,11 @@ def resolve_devices(accelerator: str, devices: object, multi_process: bool) -> t
 def resolve_strategy(strategy: object, num_devices: int) -> str:
     if isinstance(strategy, FSDPStrategy):
         return "fsdp"
+    if isinstance(strategy, DeepSpeedStrategy) or strategy in DEEPSPEED_STAGES:
+        if importlib.util.find_spec("deepspeed") is None:
+            raise RuntimeError(f"strategy={strategy!r} needs DeepSpeed, which is not installed: "
+                               "`pip install deepspeed` (on a machine without a GPU, also set DS_ACCELERATOR=cpu).")
+        return "deepspeed"
     if strategy == "auto":
         return "ddp" if num_devices > 1 else "single_device"
     if strategy == "single_device":
@@ -174,22 +196,28 @@ def resolve_strategy(strategy: object, num_devices: int) -> str:
         return "single_device"
     if strategy in AVAILABLE_MULTI_PROCESS:
         return "fsdp" if strategy == "fsdp" else "ddp"
-    if strategy in COMING_STRATEGIES:
-        raise NotImplementedError(
-            f"strategy={strategy!r} is not available yet in torchinit. Available now: "
-            f"{', '.join(SINGLE_DEVICE_STRATEGIES + AVAILABLE_MULTI_PROCESS)}."
-        )
     raise ValueError(
         f"strategy={strategy!r} is not supported. Choose one of: "
         f"{', '.join(SINGLE_DEVICE_STRATEGIES + MULTI_PROCESS_STRATEGIES)}."
     )
 
 
+def _options(strategy: object, resolved: str) -> FSDPStrategy | DeepSpeedStrategy | None:
+    if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy)):
+        return strategy
+    if resolved == "fsdp":
+        return FSDPStrategy()
+    if resolved == "deepspeed":
+        return DeepSpeedStrategy(stage=DEEPSPEED_STAGES[strategy])
+    return None
+
+
 def make_plan(accelerator: str, strategy: object, devices: object, num_nodes: int, precision: object) -> Plan:
     if not isinstance(num_nodes, int) or isinstance(num_nodes, bool) or num_nodes < 1:
         raise ValueError(f"num_nodes={num_nodes!r} is not valid: use a positive number.")
     resolved_accelerator = resolve_accelerator(accelerator)
-    wants_many = isinstance(strategy, FSDPStrategy) or strategy not in SINGLE_DEVICE_STRATEGIES or num_nodes > 1
+    objects = (FSDPStrategy, DeepSpeedStrategy)
+    wants_many = isinstance(strategy, objects) or strategy not in SINGLE_DEVICE_STRATEGIES or num_nodes > 1
     indices = resolve_devices(resolved_accelerator, devices, wants_many)
     resolved_strategy = resolve_strategy(strategy, len(indices) * num_nodes)
     name = parse_precision(precision, resolved_accelerator)
@@ -203,6 +231,5 @@ def make_plan(accelerator: str, strategy: object, devices: object, num_nodes: in
         strategy=resolved_strategy,
         device_indices=indices,
         num_nodes=num_nodes,
-        options=strategy if isinstance(strategy, FSDPStrategy) else FSDPStrategy() if resolved_strategy == "fsdp"
-        else None,
+        options=_options(strategy, resolved_strategy),
     )

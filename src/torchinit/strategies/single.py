@@ -12,7 +12,7 @@ from torch import nn
 from torchinit.materialize import unwritten
 from torchinit.materialize.materialize import materialize
 from torchinit.plan import Plan
-from torchinit.strategies import ddp, fsdp
+from torchinit.strategies import ddp, deepspeed, fsdp
 
 
 def autocast(plan: Plan):
@@ -47,6 +47,8 @@ def setup_module(module: nn.Module, plan: Plan) -> tuple[FabricModule, dict[int,
     empty = unwritten.unwritten_names(module)
     if plan.strategy == "fsdp":
         return FabricModule(module, plan), fsdp.shard(module, plan, plan.options)
+    if plan.strategy == "deepspeed":
+        return _setup_deepspeed(module, plan), {}
     materialize(module, plan.device, plan.param_dtype)
     if empty:
         warnings.warn(
@@ -58,21 +60,39 @@ def setup_module(module: nn.Module, plan: Plan) -> tuple[FabricModule, dict[int,
     return FabricModule(forward, plan, original=module), {}
 
 
+def _setup_deepspeed(module: nn.Module, plan: Plan) -> FabricModule:
+    dtype = deepspeed.param_dtype(plan)
+    if any(hasattr(p, "ds_id") for p in module.parameters()):  # partitioned by zero.Init: only init what is unwritten
+        names = deepspeed.initialize_partitioned(module)
+        if names:
+            warnings.warn(f"setup() initialized {len(names)} parameter(s) that empty_init=True left unwritten under "
+                          "ZeRO-3 (their module's init).", stacklevel=4)
+    else:
+        materialize(module, plan.device, dtype)
+    engine = deepspeed.Engine(module, plan, plan.options)
+    return FabricModule(engine, plan, original=module, input_dtype=dtype)
+
+
 class FabricModule(nn.Module):
     """A thin wrapper: forward (through DDP if wrapped) in the plan's precision; state_dict keys, parameters and
     attributes are the original module's."""
 
-    def __init__(self, forward_module: nn.Module, plan: Plan, original: nn.Module | None = None):
+    def __init__(self, forward_module, plan: Plan, original: nn.Module | None = None,
+                 input_dtype: torch.dtype | None = None):
         super().__init__()
         self._forward_module = forward_module
         self._original_module = original if original is not None else forward_module
         self._plan = plan
+        self._input_dtype = input_dtype  # the engine's dtype (DeepSpeed); else the plan's for true precisions
 
     @property
     def module(self) -> nn.Module:
         return self._original_module
 
     def forward(self, *args, **kwargs):
+        if self._input_dtype is not None:  # the engine handles precision itself
+            args, kwargs = _cast_floating((args, kwargs), self._input_dtype)
+            return self._forward_module(*args, **kwargs)
         if not self._plan.mixed:
             args, kwargs = _cast_floating((args, kwargs), self._plan.param_dtype)
         with autocast(self._plan):

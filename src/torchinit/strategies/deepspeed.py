@@ -1,0 +1,199 @@
+"""DeepSpeed ZeRO: the engine shards; this module builds its config from the plan, keeps init from being lost,
+and creates the engine when it has what it needs.
+
+1. Config: stage and precision become a DeepSpeed config (micro batch 1: Fabric drives the loop); the user's
+   entries are merged over it.
+2. Construction (stage 3): `deepspeed.zero.Init` partitions each module's parameters as soon as the module is
+   built. Init that runs later inside the context (transformers' `post_init` -> `_init_weights`, or any
+   `nn.init` call on a built module) would write into an empty partition and vanish (DeepSpeed #2650). The
+   write watch below gathers such a parameter, applies the write, and re-partitions it (every rank runs the
+   same code with the same seed; rank 0's result is kept). With empty init those writes are skipped instead.
+3. Set-up: `deepspeed.initialize` needs the model and the optimizer together. `setup(model, optimizer)` makes
+   the engine at once; after `setup(model)` alone it is made by `setup_optimizers(optimizer)` (the seed's
+   order), or without an optimizer at the first forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+import weakref
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.nn.modules import module as module_hooks
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from torchinit.init.construct import _aliased_result, _written_args
+from torchinit.materialize.materialize import _init_for, _post_order
+from torchinit.plan import DeepSpeedStrategy, Plan
+
+
+def _deepspeed():
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"  # DeepSpeed would otherwise look for a GPU
+    import deepspeed
+
+    return deepspeed
+
+
+def param_dtype(plan: Plan) -> torch.dtype:
+    """DeepSpeed keeps parameters in the half dtype for both true and mixed half precisions (fp32 master
+    weights live in its optimizer)."""
+    if plan.precision in ("bf16-true", "bf16-mixed"):
+        return torch.bfloat16
+    if plan.precision in ("16-true", "16-mixed"):
+        return torch.float16
+    if plan.precision == "64-true":
+        raise ValueError("DeepSpeed does not train in float64: use precision '32-true', 'bf16-mixed' or '16-mixed'.")
+    return torch.float32
+
+
+def config(plan: Plan, options: DeepSpeedStrategy) -> dict:
+    dtype = param_dtype(plan)
+    base = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": options.stage}}
+    if dtype == torch.bfloat16:
+        base["bf16"] = {"enabled": True}
+    elif dtype == torch.float16:
+        base["fp16"] = {"enabled": True}
+    return _merge(base, options.config or {})
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+@contextlib.contextmanager
+def zero_init(plan: Plan, options: DeepSpeedStrategy, skip_writes: bool) -> Iterator[None]:
+    """Stage 3: partition every parameter as soon as its module is built, without losing later writes."""
+    deepspeed = _deepspeed()
+    watch = _PartitionedWrites(deepspeed, skip_writes)
+    handle = module_hooks.register_module_parameter_registration_hook(watch.remember)
+    try:
+        with deepspeed.zero.Init(config_dict_or_path=config(plan, options), dtype=param_dtype(plan)), watch:
+            yield
+    finally:
+        handle.remove()
+
+
+class _PartitionedWrites(TorchDispatchMode):
+    """Writes into a parameter that ZeRO-3 already partitioned: gather, apply, re-partition (or skip)."""
+
+    def __init__(self, deepspeed, skip: bool):
+        super().__init__()
+        self.deepspeed, self.skip = deepspeed, skip
+        self.params: weakref.WeakSet[nn.Parameter] = weakref.WeakSet()
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return False
+
+    def remember(self, module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None:
+            self.params.add(param)
+            if self.skip:
+                param._torchinit_unwritten = True  # setup gives it its module's init
+
+    def _owner(self, t: torch.Tensor) -> nn.Parameter | None:
+        storage = t.untyped_storage()
+        for p in self.params:
+            if hasattr(p, "ds_id") and p.untyped_storage() is storage:
+                return p
+        return None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        written = [t for t in _written_args(func, args, kwargs).values() if t.numel() == 0]
+        owners = [p for p in map(self._owner, written) if p is not None and p.ds_numel > 0]
+        if not owners:
+            return func(*args, **kwargs)
+        if self.skip:
+            return _aliased_result(func, args, kwargs)
+        if len(owners) != 1 or len(written) != 1 or tuple(written[0].shape) != (0,):
+            raise RuntimeError(
+                f"{func} writes into a ZeRO-3 partitioned parameter through a view; torchinit can apply whole-tensor "
+                "writes only. Initialize it inside its module's __init__, or with empty_init=True and a checkpoint."
+            )
+        param, alias = owners[0], written[0]
+        with self.deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            full = param.data
+            args, kwargs = torch.utils._pytree.tree_map(lambda x: full if x is alias else x, (args, kwargs))
+            func(*args, **kwargs)
+        return alias
+
+
+def initialize_partitioned(module: nn.Module) -> list[str]:
+    """Empty init under ZeRO-3: give the parameters it left unwritten their module's init, gathered one owner at
+    a time (every rank runs the same init; rank 0's values are kept). Returns their names."""
+    deepspeed = _deepspeed()
+    names, hopeless = [], []
+    with torch.no_grad():
+        for path, owner in _post_order(module):
+            own = [(n, p) for n, p in owner.named_parameters(recurse=False)]
+            if not any(getattr(p, "_torchinit_unwritten", False) for _, p in own):
+                continue
+            init = _init_for(owner, None)
+            if init is None:
+                hopeless.append(f"'{path or '<root>'}' ({type(owner).__name__})")
+                continue
+            with deepspeed.zero.GatheredParameters([p for _, p in own], modifier_rank=0):
+                init()
+            for n, p in own:
+                p.__dict__.pop("_torchinit_unwritten", None)
+                names.append(f"{path}.{n}" if path else n)
+    if hopeless:
+        raise RuntimeError(
+            f"These modules were built with empty_init=True under ZeRO-3 and have no reset_parameters() to "
+            f"initialize them: {', '.join(hopeless)}. Load a checkpoint, or give them an init method."
+        )
+    return names
+
+
+class Engine:
+    """Creates the DeepSpeed engine once, when the model and (if any) the optimizer are known."""
+
+    def __init__(self, module: nn.Module, plan: Plan, options: DeepSpeedStrategy):
+        self.module, self.plan, self.options = module, plan, options
+        self.engine = None
+        self.optimizer = None
+
+    def start(self, optimizer: torch.optim.Optimizer | None) -> None:
+        if self.engine is not None:
+            raise RuntimeError(
+                "The DeepSpeed engine was already created (by an earlier setup_optimizers or a forward without an "
+                "optimizer). Pass the optimizer to setup(model, optimizer) or setup_optimizers(optimizer) before "
+                "the first forward."
+            )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)  # DeepSpeed's use of deprecated collectives
+            self.engine, self.optimizer, _, _ = _deepspeed().initialize(
+                model=self.module, optimizer=optimizer, config=config(self.plan, self.options), dist_init_required=False
+            )
+
+    def __call__(self, *args, **kwargs):
+        if self.engine is None:
+            self.start(None)
+        return self.engine(*args, **kwargs)
+
+
+class EngineOptimizer:
+    """What setup_optimizers returns under DeepSpeed: `step()` and `zero_grad()` go through the engine."""
+
+    def __init__(self, engine: Engine):
+        self._engine = engine
+
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError("optimizer.step(closure) is not supported with DeepSpeed.")
+        self._engine.engine.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._engine.engine.zero_grad()
+
+    def __getattr__(self, name: str):
+        return getattr(self._engine.optimizer, name)

@@ -1,0 +1,58 @@
+"""DeepSpeed ZeRO with real processes on CPU (DS_ACCELERATOR=cpu, gloo)."""
+
+import importlib.util
+
+import pytest
+import torch
+from dist_workers import deepspeed_training
+from test_distributed import deadline  # noqa: F401  (the hang guard)
+
+import torchinit
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed")
+
+
+@pytest.mark.parametrize("joint", [True, False], ids=["setup(model, opt)", "setup(model); setup_optimizers(opt)"])
+def test_zero3_keeps_init_written_after_module_init(joint):
+    fabric = torchinit.Fabric(accelerator="cpu", strategy="deepspeed_stage_3", devices=2, precision="bf16-true", seed=0)
+    result = fabric.launch(deepspeed_training, False, joint)
+    assert result["partitioned"], "every parameter is partitioned as soon as its module is built"
+    start = result["start"]
+    assert torch.equal(start["body.0.weight"], torch.full((16, 8), 0.5)), "nn.init after __init__ was lost"
+    assert torch.equal(start["body.2.bias"], torch.full((4,), 3.0)), ".data write after __init__ was lost"
+    assert not torch.equal(result["after"]["body.0.weight"], start["body.0.weight"]), "the step changed nothing"
+    assert result["same"][0] == result["same"][1]
+
+
+def test_zero3_empty_init_skips_work_and_setup_initializes():
+    fabric = torchinit.Fabric(accelerator="cpu", strategy="deepspeed_stage_3", devices=2, precision="bf16-true", seed=0)
+    result = fabric.launch(deepspeed_training, True, True)
+    start = result["start"]
+    assert not torch.equal(start["body.0.weight"], torch.full((16, 8), 0.5)), "empty init must skip the write"
+    assert all(torch.isfinite(v).all() for v in start.values())
+    assert start["body.0.weight"].std() > 0, "initialized by Linear.reset_parameters in setup"
+
+
+@pytest.mark.parametrize("strategy", ["deepspeed", "deepspeed_stage_1"])
+def test_zero_1_and_2(strategy):
+    fabric = torchinit.Fabric(accelerator="cpu", strategy=strategy, devices=2, precision="bf16-mixed", seed=0)
+    result = fabric.launch(deepspeed_training, False, False)
+    assert result["partitioned"] is None and torch.isfinite(torch.tensor(result["loss"]))
+    assert torch.equal(result["start"]["body.0.weight"], torch.full((16, 8), 0.5))
+    assert result["same"][0] == result["same"][1]
+
+
+def test_deepspeed_config_follows_the_precision():
+    from torchinit.strategies import deepspeed as ds
+
+    with pytest.warns(UserWarning, match="bf16-mixed"):
+        fabric = torchinit.Fabric(accelerator="cpu", strategy=torchinit.DeepSpeedStrategy(
+            stage=3, config={"zero_optimization": {"overlap_comm": False}, "gradient_clipping": 1.0}),
+            precision="16-mixed")
+    cfg = ds.config(fabric.plan, fabric.plan.options)
+    assert cfg["zero_optimization"] == {"stage": 3, "overlap_comm": False} and cfg["gradient_clipping"] == 1.0
+    assert cfg["bf16"] == {"enabled": True}, "16-mixed on CPU became bf16-mixed"
+    with pytest.raises(ValueError, match="float64"):
+        ds.param_dtype(torchinit.Fabric(accelerator="cpu", strategy="deepspeed", precision="64-true").plan)
+    with pytest.raises(ValueError, match="stages are 1, 2 and 3"):
+        torchinit.DeepSpeedStrategy(stage=4)
