@@ -12,6 +12,7 @@ model / world + the largest wrap unit + 10 %.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import resource
 import sys
 import time
@@ -44,13 +45,19 @@ def _measure(fabric, build) -> dict:
     seconds = time.perf_counter() - start
     grown = max(0, _peak_rss() - base) / MiB
     device = torch.cuda.max_memory_allocated() / MiB if cuda else None
-    shard_mib = sum(p.to_local().numel() * p.element_size() for p in model.parameters()) / MiB
+    shard_mib = sum(_local(p).numel() * p.element_size() for p in model.parameters()) / MiB
     out = [None] * fabric.world_size
     torch.distributed.all_gather_object(out, (seconds, grown, device, shard_mib))
     return out
 
 
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """This rank's part: an FSDP shard, a ZeRO-3 partition, or the whole tensor."""
+    return p.to_local() if hasattr(p, "to_local") else getattr(p, "ds_tensor", p)
+
+
 def torchinit_fsdp(fabric, size: str):
+    """The sharded path (FSDP or ZeRO-3, as the fabric says): nothing is built in full."""
     def build():
         with fabric.init_module(empty_init=True):
             model = Llama(config_for(size))
@@ -106,11 +113,17 @@ def main(argv: list[str] | None = None) -> int:
     reference = run_isolated(single_process_materialize, args.size, device, args.precision)
     print(f"single-process meta + materialize: {reference:.2f} s", flush=True)
     rows = {}
-    for name, fn in (("torchinit FSDP init_module(empty_init) + setup", torchinit_fsdp),
-                     ("full model first, then FSDP setup", full_model_first)):
+    for name, strategy, fn in (
+        ("torchinit FSDP init_module(empty_init) + setup", "fsdp", torchinit_fsdp),
+        ("torchinit ZeRO-3 init_module(empty_init) + setup", "deepspeed_stage_3", torchinit_fsdp),
+        ("full model first, then FSDP setup", "fsdp", full_model_first),
+    ):
+        if strategy.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+            print(f"skipped {name}: deepspeed is not installed")
+            continue
         print(f"{name} ...", flush=True)
-        fabric = torchinit.Fabric(accelerator=device, strategy="fsdp", devices=args.devices, precision=args.precision,
-                                  seed=0)
+        fabric = torchinit.Fabric(accelerator=device, strategy=strategy, devices=args.devices,
+                                  precision=args.precision, seed=0)
         rows[name] = fabric.launch(fn, args.size)
 
     print()
