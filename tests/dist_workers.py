@@ -137,3 +137,14 @@ def deepspeed_training(fabric, empty_init, joint):
         after = {n: p.detach().float().clone() for n, p in module.named_parameters()}
     return {"start": start, "after": after, "partitioned": partitioned, "loss": float(loss),
             "same": gathered(fabric, [float(v.sum()) for v in after.values()])}
+
+
+def deepspeed_tied_llama(fabric):
+    with fabric.init_module(empty_init=True):
+        module = tiny_llama()
+    model = fabric.setup(module)
+    optimizer = fabric.setup_optimizers(torch.optim.AdamW(module.parameters(), lr=1e-3))
+    loss = model(torch.tensor([[1, 2, 3]])).float().pow(2).mean()
+    fabric.backward(loss)
+    optimizer.step()
+    return {"tied": module.lm_head.weight is module.embed.weight, "loss": float(loss)}

@@ -4,7 +4,7 @@ import importlib.util
 
 import pytest
 import torch
-from dist_workers import deepspeed_training
+from dist_workers import deepspeed_tied_llama, deepspeed_training
 from test_distributed import deadline  # noqa: F401  (the hang guard)
 
 import torchinit
@@ -31,6 +31,12 @@ def test_zero3_empty_init_skips_work_and_setup_initializes():
     assert not torch.equal(start["body.0.weight"], torch.full((16, 8), 0.5)), "empty init must skip the write"
     assert all(torch.isfinite(v).all() for v in start.values())
     assert start["body.0.weight"].std() > 0, "initialized by Linear.reset_parameters in setup"
+
+
+def test_zero3_tied_llama_trains():
+    fabric = torchinit.Fabric(accelerator="cpu", strategy="deepspeed_stage_3", devices=2, precision="bf16-true", seed=0)
+    result = fabric.launch(deepspeed_tied_llama)
+    assert result["tied"] and torch.isfinite(torch.tensor(result["loss"]))
 
 
 @pytest.mark.parametrize("strategy", ["deepspeed", "deepspeed_stage_1"])

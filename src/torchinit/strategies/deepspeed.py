@@ -18,13 +18,13 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-import weakref
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 from torch.nn.modules import module as module_hooks
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.weak import WeakIdKeyDictionary
 
 from torchinit.init.construct import _aliased_result, _written_args
 from torchinit.materialize.materialize import _init_for, _post_order
@@ -87,7 +87,7 @@ class _PartitionedWrites(TorchDispatchMode):
     def __init__(self, deepspeed, skip: bool):
         super().__init__()
         self.deepspeed, self.skip = deepspeed, skip
-        self.params: weakref.WeakSet[nn.Parameter] = weakref.WeakSet()
+        self.params = WeakIdKeyDictionary()  # by identity: a WeakSet would compare tensors with ==
 
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
@@ -95,7 +95,7 @@ class _PartitionedWrites(TorchDispatchMode):
 
     def remember(self, module: nn.Module, name: str, param: nn.Parameter | None) -> None:
         if param is not None:
-            self.params.add(param)
+            self.params[param] = True
             if self.skip:
                 param._torchinit_unwritten = True  # setup gives it its module's init
 
