@@ -128,9 +128,12 @@ class _PartitionedWrites(TorchDispatchMode):
 
 
 def initialize_partitioned(module: nn.Module) -> list[str]:
-    """Empty init under ZeRO-3: give the parameters it left unwritten their module's init, gathered one owner at
-    a time (every rank runs the same init; rank 0's values are kept). Returns their names."""
-    deepspeed = _deepspeed()
+    """Empty init under ZeRO-3: give the parameters it left unwritten their module's init. Returns their names.
+
+    Like FSDP's path, every rank runs the owner's init on full temporary tensors (the same random stream on
+    every rank) and keeps only its own partition: no gather and no broadcast, and the values do not depend on
+    the world size. Peak: the partitions plus one module's parameters in full.
+    """
     names, hopeless = [], []
     with torch.no_grad():
         for path, owner in _post_order(module):
@@ -141,9 +144,17 @@ def initialize_partitioned(module: nn.Module) -> list[str]:
             if init is None:
                 hopeless.append(f"'{path or '<root>'}' ({type(owner).__name__})")
                 continue
-            with deepspeed.zero.GatheredParameters([p for _, p in own], modifier_rank=0):
+            full = {n: nn.Parameter(torch.empty(p.ds_shape, dtype=p.dtype, device=p.ds_tensor.device),
+                                    requires_grad=p.requires_grad) for n, p in own}
+            for n, _ in own:
+                owner._parameters[n] = full[n]
+            try:
                 init()
+            finally:
+                for n, p in own:
+                    owner._parameters[n] = p
             for n, p in own:
+                _keep_partition(p, full[n])
                 p.__dict__.pop("_torchinit_unwritten", None)
                 names.append(f"{path}.{n}" if path else n)
     if hopeless:
@@ -152,6 +163,15 @@ def initialize_partitioned(module: nn.Module) -> list[str]:
             f"initialize them: {', '.join(hopeless)}. Load a checkpoint, or give them an init method."
         )
     return names
+
+
+def _keep_partition(param: nn.Parameter, full: torch.Tensor) -> None:
+    """Copy this rank's slice of `full` into the ZeRO-3 partition, laid out as DeepSpeed partitions: the
+    flattened tensor cut into `partition_numel()` pieces, one per rank, the last one padded."""
+    size = param.partition_numel()
+    start = size * torch.distributed.get_rank(param.ds_process_group)
+    piece = full.detach().reshape(-1)[start:start + size]
+    param.ds_tensor[: piece.numel()].copy_(piece)
 
 
 class Engine:
