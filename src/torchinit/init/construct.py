@@ -218,6 +218,8 @@ class ConstructionMode(TorchDispatchMode):
             entry = self._promoted(x)
             if entry is None:
                 return x
+            if id(x) not in written_ids and id(_storage(x)) in self.unwritten:
+                return x  # reading memory nothing wrote: garbage either way, so no fp32 twin to build
             view = self._shadow_view(x, entry, overwrite and id(x) in written_ids)
             if id(x) in written_ids:
                 twins.append((x, view))
