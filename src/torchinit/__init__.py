@@ -1,5 +1,8 @@
 """torchinit: build and load PyTorch models of any size, exactly and at hardware speed."""
 
+from torchinit.checkpoint.formats import Checkpoint, open_checkpoint
+from torchinit.checkpoint.load import LoadReport, load_checkpoint
+from torchinit.checkpoint.safetensors import CheckpointError
 from torchinit.fabric import Fabric, seed_everything
 from torchinit.init.context import InitContext, nan_poison
 from torchinit.materialize.materialize import (
@@ -15,8 +18,9 @@ from torchinit.materialize.verify import VerificationError, tie_groups, verify
 from torchinit.plan import DeepSpeedStrategy, FSDPStrategy
 
 __all__ = [
-    "DeepSpeedStrategy", "FSDPStrategy", "Fabric", "InitContext", "InsufficientMemoryError", "MaterializeError",
-    "MaterializeReport", "RecordedInit", "VerificationError", "materialize", "nan_poison", "register_init",
+    "Checkpoint", "CheckpointError", "DeepSpeedStrategy", "FSDPStrategy", "Fabric", "InitContext",
+    "InsufficientMemoryError", "LoadReport", "MaterializeError", "MaterializeReport", "RecordedInit",
+    "VerificationError", "load_checkpoint", "materialize", "nan_poison", "open_checkpoint", "register_init",
     "seed_everything", "tie_groups", "unwritten_names", "verify",
 ]
 __version__ = "0.1.0"

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from torchinit import launch as launcher
+from torchinit.checkpoint.load import load_checkpoint
 from torchinit.init.context import InitContext
 from torchinit.plan import make_plan
 from torchinit.strategies import deepspeed as ds
@@ -151,6 +152,21 @@ class Fabric:
             fsdp.remap_optimizer(optimizer, self._sharded)
         single.check_optimizer(optimizer)
         return single.setup_optimizer(optimizer, self._scaler)
+
+    # ---- load ------------------------------------------------------------------------------------
+    def load_raw(self, path: str | os.PathLike, obj: nn.Module | torch.optim.Optimizer, strict: bool = True) -> Any:
+        """Load a plain checkpoint into one module (any format `torchinit.load_checkpoint` reads; real, empty or
+        meta; before or after `setup`) or one optimizer. Returns the module's `LoadReport`."""
+        if isinstance(obj, torch.optim.Optimizer):
+            obj.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            return None
+        module = obj.module if isinstance(obj, single.FabricModule) else obj
+        if self.plan.strategy in ("fsdp", "deepspeed"):
+            raise NotImplementedError(
+                f"load_raw into a {self.plan.strategy} model is not available yet (loading shards and partitions "
+                "directly is planned): load into the model before setup instead, with strategy='ddp' or one device."
+            )
+        return load_checkpoint(module, path, strict=strict, device=self.device, dtype=self.plan.param_dtype)
 
     # ---- run -------------------------------------------------------------------------------------
     def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:

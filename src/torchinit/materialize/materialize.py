@@ -197,9 +197,9 @@ def _choose_sources(slots, checkpoint, recorded, init_fns) -> None:
     for slot in slots:
         key = next((n for n in slot.names if n in checkpoint), None) if checkpoint is not None else None
         if key is not None:
-            value = checkpoint[key]
-            if tuple(value.shape) != tuple(slot.tensor.shape):
-                mismatched.append(f"{key} (checkpoint {tuple(value.shape)}, model {tuple(slot.tensor.shape)})")
+            shape = tuple(checkpoint.shape(key) if hasattr(checkpoint, "shape") else checkpoint[key].shape)
+            if shape != tuple(slot.tensor.shape):
+                mismatched.append(f"{key} (checkpoint {shape}, model {tuple(slot.tensor.shape)})")
             slot.source, slot.key = "checkpoint", key
         elif not slot.needs_value:
             slot.source = "kept"
@@ -450,10 +450,18 @@ def _replay(slots: list[_Slot], recorded: RecordedInit | None) -> None:
 
 
 def _copy_checkpoint(slots: list[_Slot], checkpoint: Mapping[str, torch.Tensor] | None) -> None:
+    """Copy checkpoint values in; a checkpoint with `load_into(pairs)` (the streaming reader) writes them itself."""
+    pairs = [(slot.key, slot.tensor) for slot in slots if slot.source == "checkpoint"]
+    if not pairs:
+        return
+    if hasattr(checkpoint, "load_into"):
+        checkpoint.load_into([(key, t.data) for key, t in pairs])
+        for _, t in pairs:
+            unwritten.mark_written(t)  # written behind autograd's back: its version counter did not move
+        return
     with torch.no_grad():
-        for slot in slots:
-            if slot.source == "checkpoint":
-                slot.tensor.copy_(checkpoint[slot.key])
+        for key, t in pairs:
+            t.copy_(checkpoint[key])
 
 
 def _move_kept(slots: list[_Slot], device: torch.device | None, dtype: torch.dtype | None) -> None:

@@ -72,6 +72,11 @@ def unwritten_names(module: nn.Module) -> list[str]:
     return [name for name, p in module.named_parameters() if is_pending(p)]
 
 
+def mark_written(param: torch.Tensor) -> None:
+    """For writers that bypass the version counter (reads straight into a tensor's memory)."""
+    _PENDING.pop(param, None)
+
+
 def pending_restorer(param: torch.Tensor) -> Callable[[], None]:
     """For a pending `param` about to be written: a function that marks it pending again (used to undo)."""
     stamp = _PENDING[param]

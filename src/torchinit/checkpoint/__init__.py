@@ -1,0 +1,1 @@
+"""Checkpoint formats, the streaming reader, and loading into any model."""

@@ -1,0 +1,153 @@
+"""Open any checkpoint as one lazy mapping of key -> tensor: shapes and dtypes known up front, data read only
+into its destination.
+
+Formats: one .safetensors file; a folder or index (`*.safetensors.index.json`, `pytorch_model.bin.index.json`)
+of shards; torch pickles (.pt/.bin/.ckpt/.pth, always `weights_only=True` and mmap), with the state found inside
+nested dicts (`state_dict`, `model`, `module`, Lightning checkpoints) or picked with `select`.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+
+from torchinit.checkpoint import safetensors
+from torchinit.checkpoint.safetensors import CheckpointError, Entry
+
+NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module")
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+class Checkpoint(Mapping):
+    """A checkpoint's tensors by key. `shape`/`dtype` cost nothing; `load_into` reads straight into tensors."""
+
+    def __init__(self, path: Path, entries: dict[str, Entry | torch.Tensor], files: list[Path], metadata: dict):
+        self.path, self.entries, self.files, self.metadata = path, entries, files, metadata
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        entry = self.entries[key]
+        if isinstance(entry, torch.Tensor):
+            return entry
+        out = torch.empty(entry.shape, dtype=entry.dtype)
+        safetensors.read_into([(entry, out)])
+        return out
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.entries)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.entries  # Mapping's default would read the tensor to find out
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.entries[key].shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.entries[key].dtype
+
+    def nbytes(self, key: str) -> int:
+        entry = self.entries[key]
+        if isinstance(entry, torch.Tensor):
+            return entry.numel() * entry.element_size()
+        return entry.end - entry.start
+
+    def load_into(self, pairs: list[tuple[str, torch.Tensor]]) -> int:
+        """Fill each tensor with the value under its key (cast as `copy_` would); returns bytes read."""
+        lazy = [(self.entries[k], t) for k, t in pairs if isinstance(self.entries[k], Entry)]
+        done = safetensors.read_into(lazy) if lazy else 0
+        with torch.no_grad():
+            for key, t in pairs:
+                entry = self.entries[key]
+                if isinstance(entry, torch.Tensor):
+                    t.copy_(entry)
+                    done += self.nbytes(key)
+        return done
+
+
+def open_checkpoint(path: str | Path, select: str | None = None) -> Checkpoint:
+    """Open `path` (file or folder) without reading tensor data; `select` picks a nested state by key."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder.")
+    if path.is_dir():
+        return _open_folder(path, select)
+    if path.name.endswith(".index.json"):
+        return _open_index(path, select)
+    if path.suffix == ".safetensors":
+        entries, metadata = safetensors.read_header(path)
+        return Checkpoint(path, dict(entries), [path], metadata)
+    return _open_torch(path, select)
+
+
+def _open_folder(path: Path, select: str | None) -> Checkpoint:
+    if (path / ".metadata").exists():
+        raise CheckpointError(f"{path}: a torch.distributed.checkpoint folder; loading those is not supported yet. "
+                              "Convert it with torch.distributed.checkpoint.format_utils.dcp_to_torch_save.")
+    indexes = sorted(path.glob("*.safetensors.index.json")) or sorted(path.glob("*.bin.index.json"))
+    if len(indexes) == 1:
+        return _open_index(indexes[0], select)
+    singles = sorted(path.glob("*.safetensors")) or sorted(p for p in path.iterdir() if p.suffix in TORCH_SUFFIXES)
+    if len(indexes) > 1 or len(singles) != 1:
+        found = [p.name for p in (indexes or singles)] or "nothing loadable"
+        raise CheckpointError(f"{path}: cannot tell which checkpoint to load (found {found}); pass the file itself.")
+    return open_checkpoint(singles[0], select)
+
+
+def _open_index(index: Path, select: str | None) -> Checkpoint:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{index}: not a valid checkpoint index ({error!r}).") from None
+    entries: dict[str, Entry | torch.Tensor] = {}
+    files = sorted({index.parent / name for name in weight_map.values()})
+    missing = [f.name for f in files if not f.exists()]
+    if missing:
+        raise CheckpointError(f"{index}: names shard file(s) that do not exist next to it: {', '.join(missing)}.")
+    for file in files:
+        shard = open_checkpoint(file, select)
+        entries.update({k: shard.entries[k] for k, f in weight_map.items() if index.parent / f == file
+                        and k in shard.entries})
+    absent = [k for k in weight_map if k not in entries]
+    if absent:
+        raise CheckpointError(f"{index}: {len(absent)} key(s) are missing from the shard the index names, e.g. "
+                              f"{absent[:3]}.")
+    return Checkpoint(index, entries, files, {})
+
+
+def _open_torch(path: Path, select: str | None) -> Checkpoint:
+    try:
+        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"{path}: refused to unpickle: the file holds more than tensors and plain containers (pickled code or "
+            f"objects), and torchinit only loads with weights_only=True. Re-save the state dict alone. ({error})"
+        ) from None
+    except RuntimeError as error:  # torch's message for truncated / corrupt zip archives
+        raise CheckpointError(f"{path}: cannot read this torch checkpoint: {error}") from None
+    state = _find_state(obj, path, select)
+    return Checkpoint(path, state, [path], {})
+
+
+def _find_state(obj: object, path: Path, select: str | None) -> dict[str, torch.Tensor]:
+    if select is not None:
+        if not isinstance(obj, dict) or select not in obj:
+            raise CheckpointError(f"{path}: has no entry {select!r} to select (top-level keys: {_keys(obj)}).")
+        obj = obj[select]
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return dict(obj)
+    if isinstance(obj, dict):
+        for key in NESTED_KEYS:
+            if key in obj and isinstance(obj[key], dict):
+                return _find_state(obj[key], path, None)
+    raise CheckpointError(f"{path}: found no state dict of tensors (top-level keys: {_keys(obj)}). Pass "
+                          "select='<key>' to say where it is.")
+
+
+def _keys(obj: object) -> str:
+    return ", ".join(map(repr, list(obj)[:10])) if isinstance(obj, dict) else type(obj).__name__

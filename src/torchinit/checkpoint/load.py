@@ -1,0 +1,138 @@
+"""Load a checkpoint into any model (real, empty-init or meta): match keys, check shapes, then let
+`materialize` do the rest, with the checkpoint as the first source. The report says what happened.
+
+1. Open the checkpoint (formats.py): keys, shapes, dtypes; no data read yet.
+2. Match its keys to the model's state-dict keys: an explicit `key_map` first, then a prefix (`module.`,
+   `_orig_mod.`, `model.`) removed or added when that alone makes more keys match and no other choice does as
+   well. A tied parameter is loaded when any of its names is in the checkpoint.
+3. Every shape mismatch, and under `strict` every missing or unexpected key, is one error that names the
+   file, before anything changes.
+4. `materialize(..., checkpoint=...)`: the data goes straight into the parameters (for meta ones, into fresh
+   memory on the device, in the target dtype, same Parameter objects). What the checkpoint lacks is initialized
+   through the chain (never left as uninitialized memory) and reported as missing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from torchinit.checkpoint.formats import Checkpoint, open_checkpoint
+from torchinit.checkpoint.safetensors import CheckpointError
+from torchinit.materialize.materialize import materialize
+
+PREFIXES = ("module.", "_orig_mod.", "model.")
+
+
+@dataclass
+class LoadReport:
+    path: str
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
+    initialized: list[str] = field(default_factory=list)
+    bytes: int = 0
+    seconds: float = 0.0
+
+    @property
+    def gib_per_s(self) -> float:
+        return self.bytes / 2**30 / self.seconds if self.seconds else 0.0
+
+
+class _Renamed(Mapping):
+    """The checkpoint seen under the model's key names."""
+
+    def __init__(self, checkpoint: Checkpoint, names: dict[str, str]):
+        self.checkpoint, self.names = checkpoint, names  # model key -> checkpoint key
+        self.bytes = 0
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.checkpoint[self.names[key]]
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.names  # Mapping's default would read the tensor to find out
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.checkpoint.shape(self.names[key])
+
+    def load_into(self, pairs: list[tuple[str, torch.Tensor]]) -> None:
+        self.bytes += self.checkpoint.load_into([(self.names[k], t) for k, t in pairs])
+
+
+def load_checkpoint(
+    module: nn.Module,
+    path: str | Path,
+    *,
+    strict: bool = True,
+    key_map: Mapping[str, str] | Callable[[str], str] | None = None,
+    select: str | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> LoadReport:
+    """Load `path` into `module` in place and return a `LoadReport`; see the module docstring for the steps."""
+    start = time.perf_counter()
+    checkpoint = open_checkpoint(path, select)
+    report = LoadReport(str(path))
+    groups = _name_groups(module)
+    names = _match(list(checkpoint), groups, key_map)
+    loaded_groups = {groups[k] for k in names}
+    report.loaded = sorted(names)
+    report.unexpected = sorted(set(checkpoint) - set(names.values()))
+    report.missing = sorted(k for k, g in groups.items() if g not in loaded_groups)
+    state = module.state_dict(keep_vars=True)
+    report.mismatched = [f"{k} (checkpoint {list(checkpoint.shape(c))}, model {list(state[k].shape)})"
+                         for k, c in names.items() if tuple(checkpoint.shape(c)) != tuple(state[k].shape)]
+    if report.mismatched:
+        raise CheckpointError(f"{path}: {len(report.mismatched)} tensor(s) have other shapes than the model's: "
+                              f"{', '.join(report.mismatched[:10])}. Nothing was loaded.")
+    if strict and (report.missing or report.unexpected):
+        raise CheckpointError(
+            f"{path}: does not match the model (strict=True). Missing: {_some(report.missing)}. Unexpected: "
+            f"{_some(report.unexpected)}. Nothing was loaded; pass strict=False to load what matches (the rest is "
+            "initialized by the modules' init), or key_map= to rename."
+        )
+    view = _Renamed(checkpoint, names)
+    result = materialize(module, device, dtype, checkpoint=view)
+    report.initialized, report.bytes = result.from_init, view.bytes
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _name_groups(module: nn.Module) -> dict[str, int]:
+    """State-dict key -> the identity of its tensor (tied names share one)."""
+    return {k: id(v) for k, v in module.state_dict(keep_vars=True).items()}
+
+
+def _match(keys: list[str], groups: dict[str, int], key_map) -> dict[str, str]:
+    """model key -> checkpoint key."""
+    rename = key_map if callable(key_map) else (lambda k: key_map.get(k, k)) if key_map else (lambda k: k)
+    mapped = {rename(k): k for k in keys}
+    best, best_count, tie = mapped, sum(k in groups for k in mapped), False
+    for prefix in PREFIXES:
+        for candidate in ({k[len(prefix):] if k.startswith(prefix) else k: v for k, v in mapped.items()},
+                          {prefix + k: v for k, v in mapped.items()}):
+            count = sum(k in groups for k in candidate)
+            if count > best_count:
+                best, best_count, tie = candidate, count, False
+            elif count == best_count and count and candidate != best:
+                tie = True
+    if tie and best is not mapped:
+        raise CheckpointError("The checkpoint's keys match the model under several prefixes equally well; pass "
+                              "key_map= to say which.")
+    return {k: v for k, v in best.items() if k in groups}
+
+
+def _some(names: list[str]) -> str:
+    return "none" if not names else ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")

@@ -1,0 +1,229 @@
+"""Checkpoint loading: every format into real, empty-init and meta models, exactly; every bad input one clear error."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import assert_bitwise_equal, tensors
+from safetensors.torch import save_file
+from test_exact import eager, gpt2, llama
+from test_materialize import llama_tied, on_meta
+from torch import nn
+
+import torchinit
+
+
+def unique(state):
+    """safetensors refuses shared tensors: keep the first name of each (as transformers does for ties)."""
+    seen, out = set(), {}
+    for key, value in state.items():
+        if value.data_ptr() not in seen:
+            seen.add(value.data_ptr())
+            out[key] = value.contiguous()
+    return out
+
+
+def write(fmt, state, folder):
+    """Write `state` in format `fmt`; returns the path to load."""
+    if fmt == "safetensors":
+        save_file(unique(state), folder / "model.safetensors")
+        return folder / "model.safetensors"
+    if fmt == "sharded-safetensors":
+        items = list(unique(state).items())
+        half = len(items) // 2
+        weight_map = {}
+        for i, part in enumerate((items[:half], items[half:])):
+            name = f"model-{i + 1:05d}-of-00002.safetensors"
+            save_file(dict(part), folder / name)
+            weight_map.update({k: name for k, _ in part})
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        return folder
+    if fmt == "sharded-bin":
+        items = list(state.items())
+        weight_map = {}
+        for i, part in enumerate((items[:3], items[3:])):
+            name = f"pytorch_model-{i + 1:05d}-of-00002.bin"
+            torch.save(dict(part), folder / name)
+            weight_map.update({k: name for k, _ in part})
+        (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        return folder / "pytorch_model.bin.index.json"
+    if fmt == "pt":
+        torch.save(state, folder / "model.pt")
+        return folder / "model.pt"
+    if fmt == "lightning-ckpt":  # nested and prefixed, as Lightning saves a LightningModule holding `self.model`
+        torch.save({"state_dict": {f"model.{k}": v for k, v in state.items()}, "epoch": 3}, folder / "last.ckpt")
+        return folder / "last.ckpt"
+    raise AssertionError(fmt)
+
+
+FORMATS = ["safetensors", "sharded-safetensors", "sharded-bin", "pt", "lightning-ckpt"]
+
+
+def target(kind, build, dtype):
+    if kind == "meta":
+        return on_meta(build, dtype)
+    if kind == "empty":
+        with torchinit.InitContext("cpu", dtype, empty_init=True):
+            return build()
+    torch.manual_seed(123)  # other values than the checkpoint's
+    return build().to(dtype)
+
+
+@pytest.mark.parametrize("kind", ["meta", "empty", "real"])
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("build", [llama_tied, gpt2], ids=lambda b: b.__name__)
+def test_every_format_into_every_target_is_exact(build, fmt, kind, tmp_path):
+    want = eager(build, torch.bfloat16)
+    path = write(fmt, want.state_dict(), tmp_path)
+    with torchinit.nan_poison():
+        model = target(kind, build, torch.bfloat16)
+        ties, ids = torchinit.tie_groups(model), {n: id(t) for n, t in tensors(model).items()}
+        report = torchinit.load_checkpoint(model, path, dtype=torch.bfloat16)
+    assert_bitwise_equal(model, want)
+    assert torchinit.tie_groups(model) == ties and {n: id(t) for n, t in tensors(model).items()} == ids
+    assert not report.missing and not report.unexpected and not report.initialized
+    assert report.bytes > 0
+
+
+def test_fp32_checkpoint_into_a_bf16_meta_model_is_cast(tmp_path):
+    want = eager(llama, torch.float32)
+    path = write("safetensors", want.state_dict(), tmp_path)
+    model = on_meta(llama, torch.bfloat16)
+    torchinit.load_checkpoint(model, path, dtype=torch.bfloat16)
+    assert_bitwise_equal(model, eager(llama, torch.bfloat16))
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod."])
+def test_wrapper_prefixes_are_removed_and_key_map_renames(prefix, tmp_path):
+    want = eager(llama, torch.float32)
+    path = write("pt", {prefix + k: v for k, v in want.state_dict().items()}, tmp_path)
+    model = on_meta(llama)
+    torchinit.load_checkpoint(model, path)
+    assert_bitwise_equal(model, want)
+    renamed = write("safetensors", {k.replace("model.", "base."): v for k, v in want.state_dict().items()}, tmp_path)
+    model = on_meta(llama)
+    torchinit.load_checkpoint(model, renamed, key_map=lambda k: k.replace("base.", "model."))
+    assert_bitwise_equal(model, want)
+
+
+def test_strict_names_missing_and_unexpected_and_changes_nothing(tmp_path):
+    state = eager(llama, torch.float32).state_dict()
+    state.pop("lm_head.weight")
+    state["extra.weight"] = torch.ones(2)
+    path = write("safetensors", state, tmp_path)
+    model = on_meta(llama)
+    with pytest.raises(torchinit.CheckpointError, match=r"model\.safetensors.*Missing: lm_head\.weight\. "
+                                                         r"Unexpected: extra\.weight"):
+        torchinit.load_checkpoint(model, path)
+    assert all(t.device.type == "meta" for t in model.parameters())
+
+
+def test_not_strict_initializes_what_is_missing_and_reports_it(tmp_path):
+    want = eager(llama, torch.float32)
+    state = {k: v for k, v in want.state_dict().items() if "layers.1.mlp" not in k}
+    path = write("safetensors", state, tmp_path)
+    with torchinit.nan_poison():
+        model = on_meta(llama)
+        with pytest.warns(UserWarning, match="_init_weights"):
+            report = torchinit.load_checkpoint(model, path, strict=False)
+    assert report.missing == sorted(k for k in want.state_dict() if "layers.1.mlp" in k)
+    assert sorted(report.initialized) == report.missing
+    for key, value in state.items():
+        assert torch.equal(model.state_dict()[key], value), key
+    assert all(not p.isnan().any() for p in model.parameters())
+
+
+def test_shape_mismatch_is_an_error_naming_the_key(tmp_path):
+    state = eager(llama, torch.float32).state_dict()
+    state["lm_head.weight"] = torch.ones(3, 3)
+    path = write("pt", state, tmp_path)
+    model = on_meta(llama)
+    with pytest.raises(torchinit.CheckpointError, match=r"lm_head\.weight \(checkpoint \[3, 3\], model \[96, 64\]\)"):
+        torchinit.load_checkpoint(model, path, strict=False)
+    assert all(t.device.type == "meta" for t in model.parameters())
+
+
+def test_corrupt_and_truncated_files_are_named(tmp_path):
+    path = write("safetensors", {"w": torch.ones(1000)}, tmp_path)
+    data = path.read_bytes()
+    cases = {
+        "truncated": data[:-100],
+        "garbage header": (20).to_bytes(8, "little") + b"{not json" + b" " * 11 + data[28:],
+        "huge header": (2**40).to_bytes(8, "little") + data[8:],
+        "tiny": b"abc",
+    }
+    for name, content in cases.items():
+        bad = tmp_path / f"{name.replace(' ', '_')}.safetensors"
+        bad.write_bytes(content)
+        with pytest.raises(torchinit.CheckpointError, match=bad.name):
+            torchinit.load_checkpoint(nn.Module(), bad, strict=False)
+
+
+def test_pickled_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"w": torch.ones(2), "config": Evil()}, path)
+    with pytest.raises(torchinit.CheckpointError, match="evil.pt.*weights_only=True"):
+        torchinit.load_checkpoint(nn.Linear(2, 1), path)
+
+
+class Evil:
+    pass
+
+
+def test_missing_shard_and_unknown_layouts(tmp_path):
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    write("sharded-safetensors", eager(llama, torch.float32).state_dict(), folder)
+    next(folder.glob("model-00002*")).unlink()
+    with pytest.raises(torchinit.CheckpointError, match=r"model-00002-of-00002\.safetensors"):
+        torchinit.load_checkpoint(on_meta(llama), folder)
+    with pytest.raises(torchinit.CheckpointError, match="no such file"):
+        torchinit.open_checkpoint(tmp_path / "nope.safetensors")
+    nested = tmp_path / "nested.pt"
+    torch.save({"epoch": 1, "optimizer": {"lr": 0.1}}, nested)
+    with pytest.raises(torchinit.CheckpointError, match="select="):
+        torchinit.open_checkpoint(nested)
+    torch.save({"weights": {"w": torch.ones(2)}}, nested)
+    assert list(torchinit.open_checkpoint(nested, select="weights")) == ["w"]
+
+
+def test_inspect_reads_headers_only(tmp_path):
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    write("sharded-safetensors", eager(llama, torch.bfloat16).state_dict(), folder)
+    done = subprocess.run([sys.executable, "-m", "torchinit.cli", "inspect", str(folder), "--limit", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "in 2 file(s)" in done.stdout and "bfloat16" in done.stdout
+    assert "model.embed_tokens.weight" in done.stdout and "[96, 64]" in done.stdout
+    bad = subprocess.run([sys.executable, "-m", "torchinit.cli", "inspect", str(tmp_path / "missing.pt")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "no such file" in bad.stdout
+
+
+def test_fabric_load_raw_into_an_empty_model_and_an_optimizer(tmp_path):
+    fabric = torchinit.Fabric(accelerator="cpu", precision="bf16-true")
+    want = eager(llama, torch.bfloat16)
+    path = write("safetensors", want.state_dict(), tmp_path)
+    with torchinit.nan_poison(), fabric.init_module(empty_init=True):
+        module = llama()
+    report = fabric.load_raw(path, module)
+    assert report.loaded and not report.missing
+    model = fabric.setup(module)
+    assert_bitwise_equal(model.module, want)
+    fabric.load_raw(path, model)  # after setup too
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    torch.save(optimizer.state_dict() | {"param_groups": [{**optimizer.param_groups[0], "lr": 0.25,
+                                                           "params": list(range(len(optimizer.param_groups[0]
+                                                                                    ["params"])))}]},
+               tmp_path / "opt.pt")
+    fabric.load_raw(tmp_path / "opt.pt", optimizer)
+    assert optimizer.param_groups[0]["lr"] == 0.25
+
+
+def test_load_raw_into_sharded_models_is_not_available_yet(tmp_path):
+    path = write("pt", {"weight": torch.ones(1, 2), "bias": torch.ones(1)}, tmp_path)
+    with pytest.raises(NotImplementedError, match="fsdp"):
+        torchinit.Fabric(accelerator="cpu", strategy="fsdp").load_raw(path, nn.Linear(2, 1))
