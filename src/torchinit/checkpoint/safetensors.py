@@ -77,7 +77,10 @@ def read_header(path: Path) -> tuple[dict[str, Entry], dict[str, str]]:
     return entries, metadata
 
 
-def read_into(pairs: list[tuple[Entry, torch.Tensor]], threads: int = 8) -> int:
+READERS = min(16, max(4, os.cpu_count() or 4))  # page-cache copies scale with cores; 4 is a good floor
+
+
+def read_into(pairs: list[tuple[Entry, torch.Tensor]], threads: int = READERS) -> int:
     """Fill each destination tensor with its entry's values (cast on the fly when the dtypes differ); returns the
     bytes read. CPU destinations of the entry's dtype are read into directly; others go through a CPU buffer."""
     jobs, finish = [], []

@@ -1,0 +1,162 @@
+"""Benchmark loading a Llama safetensors checkpoint (warm page cache), side by side in one run: safetensors
+`load_file`, `torch.load(mmap=True)`, transformers `from_pretrained`, accelerate `load_checkpoint_and_dispatch`
+(each when installed), torchinit into a meta and an empty-init model, and the floors (one memcpy of the bytes
+into fresh memory, which pays the first touch of every page as any load into a new model does; the file read
+straight into memory with preadv).
+
+Each case runs in its own process (RSS growth is that case's alone) and reports seconds, GiB/s of checkpoint
+bytes, and peak RSS growth.
+
+    python benchmarks/load_bench.py --size 1b
+    python benchmarks/load_bench.py --size 7b --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+import torchinit
+from torchinit.demo import DTYPES, SIZES, resolve_device, run_isolated
+from torchinit.models import config_for
+
+MiB = 2**20
+CASES = {
+    "floor-memcpy": "floor: one memcpy into fresh memory",
+    "floor-pread": "floor: preadv of the file into memory",
+    "safetensors": "safetensors load_file + load_state_dict",
+    "torch-mmap": "torch.load(mmap=True) + load_state_dict",
+    "transformers": "transformers from_pretrained",
+    "accelerate": "accelerate load_checkpoint_and_dispatch",
+    "torchinit-meta": "torchinit load_checkpoint into a meta model",
+    "torchinit-empty": "torchinit load_checkpoint into an empty model",
+}
+NEEDS = {"transformers": "transformers", "accelerate": "accelerate"}
+
+
+def hf_config(size: str):
+    from transformers import LlamaConfig
+
+    c = config_for(size)
+    return LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                       num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
+                       num_key_value_heads=c.num_kv_heads, tie_word_embeddings=False)
+
+
+def write_checkpoint(size: str, dtype: torch.dtype, folder: Path) -> int:
+    """A transformers Llama folder (config + safetensors) with random values; returns its bytes."""
+    from safetensors.torch import save_file
+    from transformers import LlamaForCausalLM
+
+    config = hf_config(size)
+    config.save_pretrained(folder)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in LlamaForCausalLM(config).state_dict().items()}
+    state = {k: torch.randn(s, dtype=torch.float32).to(dtype) for k, s in shapes.items()}
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    return sum(v.numel() * v.element_size() for v in state.values())
+
+
+def _model(size: str, dtype: torch.dtype, device: str, how: str):
+    from transformers import LlamaForCausalLM
+
+    if how == "meta":
+        with torchinit.InitContext(device, dtype, meta=True):
+            return LlamaForCausalLM(hf_config(size))
+    with torchinit.InitContext(device, dtype, empty_init=True):
+        return LlamaForCausalLM(hf_config(size))
+
+
+def _run(case: str, size: str, device: str, precision: str, folder: str) -> dict:
+    dtype, path = DTYPES[precision], Path(folder) / "model.safetensors"
+    nbytes = path.stat().st_size
+    prepared = None
+    if case.startswith("torchinit") or case in ("safetensors", "torch-mmap"):
+        prepared = _model(size, dtype, device, "meta" if case == "torchinit-meta" else "empty")
+    if case == "floor-memcpy":  # the source resident, the destination fresh: as a load into a new model is
+        prepared = torch.empty(nbytes, dtype=torch.uint8).fill_(1)
+    base = psutil.Process().memory_info().rss
+    start = time.perf_counter()
+    if case == "floor-memcpy":
+        torch.empty(nbytes, dtype=torch.uint8).copy_(prepared)
+    elif case == "floor-pread":
+        from torchinit.checkpoint.safetensors import Entry, read_into
+
+        out = torch.empty(nbytes, dtype=torch.uint8)
+        read_into([(Entry(path, torch.uint8, (nbytes,), 0, nbytes), out)])
+    elif case == "safetensors":
+        from safetensors.torch import load_file
+
+        with torch.no_grad():
+            prepared.load_state_dict(load_file(path, device=device), strict=False)
+    elif case == "torch-mmap":
+        pt = Path(folder) / "model.pt"
+        prepared.load_state_dict(torch.load(pt, mmap=True, weights_only=True), strict=False)
+    elif case == "transformers":
+        from transformers import LlamaForCausalLM
+
+        LlamaForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device)
+    elif case == "accelerate":
+        from accelerate import init_empty_weights, load_checkpoint_and_dispatch
+        from transformers import LlamaForCausalLM
+
+        with init_empty_weights():
+            model = LlamaForCausalLM(hf_config(size))
+        load_checkpoint_and_dispatch(model, str(path), device_map={"": device}, dtype=dtype)
+    else:
+        torchinit.load_checkpoint(prepared, path, device=device, dtype=dtype, strict=False)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"seconds": seconds, "gib_s": nbytes / 2**30 / seconds, "rss_mib": max(0, peak - base) / MiB}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="1b", choices=SIZES)
+    parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--precision", default="bf16-true", choices=list(DTYPES))
+    args = parser.parse_args(argv)
+    device, dtype = resolve_device(args.device), DTYPES[args.precision]
+    results, notes = {}, []
+    with tempfile.TemporaryDirectory(prefix="torchinit-load-", dir=os.environ.get("TORCHINIT_BENCH_DIR")) as folder:
+        nbytes = write_checkpoint(args.size, dtype, Path(folder))
+        from safetensors.torch import load_file
+
+        torch.save(load_file(Path(folder) / "model.safetensors"), Path(folder) / "model.pt")
+        print(f"Llama {args.size} checkpoint: {nbytes / 2**30:.2f} GiB {args.precision}; {device}; "
+              f"{torch.get_num_threads()} threads", flush=True)
+        for path in Path(folder).iterdir():  # warm the page cache
+            path.read_bytes()
+        for case, label in CASES.items():
+            if case in NEEDS and importlib.util.find_spec(NEEDS[case]) is None:
+                notes.append(f"skipped {label}: {NEEDS[case]} is not installed")
+                continue
+            print(f"{label} ...", flush=True)
+            try:
+                results[case] = run_isolated(_run, case, args.size, device, args.precision, folder)
+            except Exception as error:
+                notes.append(f"FAILED {label}: {type(error).__name__}: {error}")
+    memcpy = results.get("floor-memcpy")
+    print()
+    print(f"{'case':<48}{'s':>8}{'GiB/s':>8}{'/ memcpy':>10}{'RSS +MiB':>10}")
+    for case, r in results.items():
+        ratio = f"{r['gib_s'] / memcpy['gib_s']:.2f}x" if memcpy else "-"
+        print(f"{CASES[case]:<48}{r['seconds']:>8.2f}{r['gib_s']:>8.2f}{ratio:>10}{r['rss_mib']:>10,.0f}")
+    for note in notes:
+        print(note)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
