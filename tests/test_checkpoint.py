@@ -225,5 +225,53 @@ def test_fabric_load_raw_into_an_empty_model_and_an_optimizer(tmp_path):
 
 def test_load_raw_into_sharded_models_is_not_available_yet(tmp_path):
     path = write("pt", {"weight": torch.ones(1, 2), "bias": torch.ones(1)}, tmp_path)
+    fabric = torchinit.Fabric(accelerator="cpu", strategy="fsdp")
     with pytest.raises(NotImplementedError, match="fsdp"):
-        torchinit.Fabric(accelerator="cpu", strategy="fsdp").load_raw(path, nn.Linear(2, 1))
+        fabric.load_raw(path, nn.Linear(2, 1))
+    with pytest.raises(NotImplementedError, match="fsdp"):
+        fabric.save(tmp_path / "x.pt", {"model": nn.Linear(2, 1)})
+
+
+class Unpicklable:
+    def __reduce__(self):
+        raise RuntimeError("cannot pickle this")
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
+def test_fabric_save_and_load_round_trip_into_a_meta_model(suffix, tmp_path):
+    fabric = torchinit.Fabric(accelerator="cpu", precision="bf16-true", seed=0)
+    with fabric.init_module():
+        module = llama_tied()
+    model = fabric.setup(module)
+    optimizer = fabric.setup_optimizers(torch.optim.AdamW(model.parameters(), lr=1e-3))
+    fabric.backward(model(torch.tensor([[1, 2, 3]])).logits.float().mean())
+    optimizer.step()
+    path = tmp_path / f"state{suffix}"
+    full = suffix == ".ckpt"
+    fabric.save(path, {"model": model, "optimizer": optimizer, "step": 7} if full else {"model": model})
+
+    restored = on_meta(llama_tied, torch.bfloat16)
+    again = torch.optim.AdamW(restored.parameters(), lr=1e-3)
+    state = {"model": restored, "optimizer": again, "step": 0} if full else {"model": restored}
+    extra = fabric.load(path, state)
+    assert_bitwise_equal(restored, module)
+    assert restored.lm_head.weight is restored.model.embed_tokens.weight
+    if full:
+        assert state["step"] == 7 and extra == {}
+        assert again.state_dict()["state"][0]["exp_avg"].shape == module.model.embed_tokens.weight.shape
+        assert set(fabric.load(path)) == {"model", "optimizer", "step"}
+
+
+def test_save_is_atomic(tmp_path):
+    fabric = torchinit.Fabric(accelerator="cpu")
+    path = tmp_path / "state.pt"
+    fabric.save(path, {"model": nn.Linear(2, 2)})
+    before = path.read_bytes()
+    with pytest.raises(RuntimeError, match="cannot pickle"):
+        fabric.save(path, {"model": nn.Linear(2, 2), "bad": Unpicklable()})
+    assert path.read_bytes() == before, "the earlier file is untouched"
+    assert [p.name for p in tmp_path.iterdir()] == ["state.pt"], "no temporary file left behind"
+    with pytest.raises(ValueError, match="one module"):
+        fabric.save(tmp_path / "two.safetensors", {"a": nn.Linear(2, 2), "b": nn.Linear(2, 2)})
+    with pytest.raises(KeyError, match="optimizer"):
+        fabric.load(path, {"model": nn.Linear(2, 2), "optimizer": torch.optim.SGD(nn.Linear(2, 2).parameters(), 0.1)})

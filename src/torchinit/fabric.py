@@ -7,6 +7,7 @@ import os
 import random
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,7 +15,9 @@ import torch.distributed as dist
 from torch import nn
 
 from torchinit import launch as launcher
-from torchinit.checkpoint.load import load_checkpoint
+from torchinit.checkpoint.formats import Checkpoint
+from torchinit.checkpoint.load import load_checkpoint, load_into
+from torchinit.checkpoint.save import save_state
 from torchinit.init.context import InitContext
 from torchinit.plan import make_plan
 from torchinit.strategies import deepspeed as ds
@@ -153,6 +156,52 @@ class Fabric:
         single.check_optimizer(optimizer)
         return single.setup_optimizer(optimizer, self._scaler)
 
+    # ---- save and load -----------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike, state: dict[str, Any]) -> None:
+        """Save modules, optimizers and plain values (rank 0 writes, atomically; every rank waits for it)."""
+        self._no_sharded_checkpoints("save")
+        if self.is_global_zero:
+            save_state(path, state)
+        self.barrier()
+
+    def load(self, path: str | os.PathLike, state: dict[str, Any] | None = None, strict: bool = True) -> dict:
+        """Load what `save` wrote. Modules and optimizers in `state` are restored in place (modules through
+        `load_checkpoint`: any model, meta included); other values in `state` are replaced. Returns what the file
+        holds beyond `state` (everything, if `state` is None)."""
+        self._no_sharded_checkpoints("load")
+        if Path(path).suffix == ".safetensors":
+            modules = {k: v for k, v in (state or {}).items() if isinstance(v, nn.Module)}
+            if len(modules) != 1:
+                raise ValueError(f"{path}: a .safetensors file holds one module; pass state={{'model': model}}.")
+            (name, module), = modules.items()
+            self.load_raw(path, module, strict=strict)
+            return {}
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if state is None:
+            return saved
+        absent = [k for k in state if k not in saved]
+        if absent and strict:
+            raise KeyError(f"{path}: has no {absent}; it holds {sorted(saved)}. Pass strict=False to skip them.")
+        for key, obj in state.items():
+            if key not in saved:
+                continue
+            if isinstance(obj, nn.Module):
+                module = obj.module if isinstance(obj, single.FabricModule) else obj
+                load_into(module, Checkpoint.from_tensors(Path(path), saved[key]), strict=strict, device=self.device,
+                          dtype=self.plan.param_dtype)
+            elif isinstance(obj, torch.optim.Optimizer):
+                obj.load_state_dict(saved[key])
+            else:
+                state[key] = saved[key]
+        return {k: v for k, v in saved.items() if k not in state}
+
+    def _no_sharded_checkpoints(self, what: str) -> None:
+        if self.plan.strategy in ("fsdp", "deepspeed"):
+            raise NotImplementedError(
+                f"fabric.{what} with strategy={self.plan.strategy!r} is not available yet (sharded checkpoints are "
+                "planned). Use one device or ddp."
+            )
+
     # ---- load ------------------------------------------------------------------------------------
     def load_raw(self, path: str | os.PathLike, obj: nn.Module | torch.optim.Optimizer, strict: bool = True) -> Any:
         """Load a plain checkpoint into one module (any format `torchinit.load_checkpoint` reads; real, empty or
@@ -161,11 +210,7 @@ class Fabric:
             obj.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             return None
         module = obj.module if isinstance(obj, single.FabricModule) else obj
-        if self.plan.strategy in ("fsdp", "deepspeed"):
-            raise NotImplementedError(
-                f"load_raw into a {self.plan.strategy} model is not available yet (loading shards and partitions "
-                "directly is planned): load into the model before setup instead, with strategy='ddp' or one device."
-            )
+        self._no_sharded_checkpoints("load_raw")
         return load_checkpoint(module, path, strict=strict, device=self.device, dtype=self.plan.param_dtype)
 
     # ---- run -------------------------------------------------------------------------------------

@@ -28,6 +28,14 @@ class Checkpoint(Mapping):
     def __init__(self, path: Path, entries: dict[str, Entry | torch.Tensor], files: list[Path], metadata: dict):
         self.path, self.entries, self.files, self.metadata = path, entries, files, metadata
 
+    @classmethod
+    def from_tensors(cls, path: Path, state: Mapping[str, torch.Tensor]) -> Checkpoint:
+        """A state dict already in memory (one entry of a saved training state), named after its file."""
+        bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise CheckpointError(f"{path}: the entry is not a state dict of tensors (e.g. {bad[:3]}).")
+        return cls(path, dict(state), [path], {})
+
     def __getitem__(self, key: str) -> torch.Tensor:
         entry = self.entries[key]
         if isinstance(entry, torch.Tensor):

@@ -83,7 +83,23 @@ def load_checkpoint(
 ) -> LoadReport:
     """Load `path` into `module` in place and return a `LoadReport`; see the module docstring for the steps."""
     start = time.perf_counter()
-    checkpoint = open_checkpoint(path, select)
+    report = load_into(module, open_checkpoint(path, select), strict=strict, key_map=key_map, device=device,
+                       dtype=dtype)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def load_into(
+    module: nn.Module,
+    checkpoint: Checkpoint,
+    *,
+    strict: bool = True,
+    key_map: Mapping[str, str] | Callable[[str], str] | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> LoadReport:
+    """`load_checkpoint` for a checkpoint already open (also one made from tensors in memory)."""
+    start, path = time.perf_counter(), checkpoint.path
     report = LoadReport(str(path))
     groups = _name_groups(module)
     names = _match(list(checkpoint), groups, key_map)
