@@ -275,3 +275,20 @@ def test_save_is_atomic(tmp_path):
         fabric.save(tmp_path / "two.safetensors", {"a": nn.Linear(2, 2), "b": nn.Linear(2, 2)})
     with pytest.raises(KeyError, match="optimizer"):
         fabric.load(path, {"model": nn.Linear(2, 2), "optimizer": torch.optim.SGD(nn.Linear(2, 2).parameters(), 0.1)})
+
+
+@pytest.mark.parametrize("fmt", ["pt", "sharded-bin"])
+def test_without_mmap_for_network_filesystems(fmt, tmp_path):
+    want = eager(llama, torch.float32)
+    path = write(fmt, want.state_dict(), tmp_path)
+    model = on_meta(llama)
+    torchinit.load_checkpoint(model, path, mmap=False)
+    assert_bitwise_equal(model, want)
+
+
+def test_progress_bar_shows_only_for_slow_loads_on_a_terminal():
+    from torchinit.checkpoint.safetensors import _progress
+
+    with _progress(100) as bar:  # pytest's output is not a terminal: created disabled, updates are no-ops
+        bar.update(100)
+    assert getattr(bar, "disable", True)

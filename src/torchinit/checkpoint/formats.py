@@ -78,36 +78,40 @@ class Checkpoint(Mapping):
         return done
 
 
-def open_checkpoint(path: str | Path, select: str | None = None) -> Checkpoint:
-    """Open `path` (file or folder) without reading tensor data; `select` picks a nested state by key."""
+def open_checkpoint(path: str | Path, select: str | None = None, mmap: bool = True) -> Checkpoint:
+    """Open `path` (file or folder) without reading tensor data; `select` picks a nested state by key.
+
+    `mmap=False` reads torch pickles into memory instead of mapping them (for network filesystems, where
+    page-faulting a mapping is slow); safetensors are always read with pread, never mapped.
+    """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder.")
     if path.is_dir():
-        return _open_folder(path, select)
+        return _open_folder(path, select, mmap)
     if path.name.endswith(".index.json"):
-        return _open_index(path, select)
+        return _open_index(path, select, mmap)
     if path.suffix == ".safetensors":
         entries, metadata = safetensors.read_header(path)
         return Checkpoint(path, dict(entries), [path], metadata)
-    return _open_torch(path, select)
+    return _open_torch(path, select, mmap)
 
 
-def _open_folder(path: Path, select: str | None) -> Checkpoint:
+def _open_folder(path: Path, select: str | None, mmap: bool) -> Checkpoint:
     if (path / ".metadata").exists():
         raise CheckpointError(f"{path}: a torch.distributed.checkpoint folder; loading those is not supported yet. "
                               "Convert it with torch.distributed.checkpoint.format_utils.dcp_to_torch_save.")
     indexes = sorted(path.glob("*.safetensors.index.json")) or sorted(path.glob("*.bin.index.json"))
     if len(indexes) == 1:
-        return _open_index(indexes[0], select)
+        return _open_index(indexes[0], select, mmap)
     singles = sorted(path.glob("*.safetensors")) or sorted(p for p in path.iterdir() if p.suffix in TORCH_SUFFIXES)
     if len(indexes) > 1 or len(singles) != 1:
         found = [p.name for p in (indexes or singles)] or "nothing loadable"
         raise CheckpointError(f"{path}: cannot tell which checkpoint to load (found {found}); pass the file itself.")
-    return open_checkpoint(singles[0], select)
+    return open_checkpoint(singles[0], select, mmap)
 
 
-def _open_index(index: Path, select: str | None) -> Checkpoint:
+def _open_index(index: Path, select: str | None, mmap: bool) -> Checkpoint:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as error:
@@ -118,7 +122,7 @@ def _open_index(index: Path, select: str | None) -> Checkpoint:
     if missing:
         raise CheckpointError(f"{index}: names shard file(s) that do not exist next to it: {', '.join(missing)}.")
     for file in files:
-        shard = open_checkpoint(file, select)
+        shard = open_checkpoint(file, select, mmap)
         entries.update({k: shard.entries[k] for k, f in weight_map.items() if index.parent / f == file
                         and k in shard.entries})
     absent = [k for k in weight_map if k not in entries]
@@ -128,9 +132,9 @@ def _open_index(index: Path, select: str | None) -> Checkpoint:
     return Checkpoint(index, entries, files, {})
 
 
-def _open_torch(path: Path, select: str | None) -> Checkpoint:
+def _open_torch(path: Path, select: str | None, mmap: bool) -> Checkpoint:
     try:
-        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        obj = torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
     except pickle.UnpicklingError as error:
         raise CheckpointError(
             f"{path}: refused to unpickle: the file holds more than tensors and plain containers (pickled code or "

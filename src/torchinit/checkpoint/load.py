@@ -80,10 +80,12 @@ def load_checkpoint(
     select: str | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    mmap: bool = True,
 ) -> LoadReport:
-    """Load `path` into `module` in place and return a `LoadReport`; see the module docstring for the steps."""
+    """Load `path` into `module` in place and return a `LoadReport`; see the module docstring for the steps.
+    `mmap=False`: read torch pickles instead of mapping them (network filesystems)."""
     start = time.perf_counter()
-    report = load_into(module, open_checkpoint(path, select), strict=strict, key_map=key_map, device=device,
+    report = load_into(module, open_checkpoint(path, select, mmap), strict=strict, key_map=key_map, device=device,
                        dtype=dtype)
     report.seconds = time.perf_counter() - start
     return report

@@ -7,6 +7,7 @@ Layout: 8-byte little-endian header length N, N bytes of JSON {name: {dtype, sha
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import math
@@ -96,8 +97,12 @@ def read_into(pairs: list[tuple[Entry, torch.Tensor]], threads: int = READERS) -
     try:
         for path in {job[0] for job in jobs}:
             files[path] = os.open(path, os.O_RDONLY)
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            list(pool.map(lambda job: _pread(files[job[0]], job[0], job[1], job[2]), jobs))
+        with ThreadPoolExecutor(max_workers=threads) as pool, _progress(sum(j[2].numel() for j in jobs)) as bar:
+            def run(job) -> None:
+                _pread(files[job[0]], job[0], job[1], job[2])
+                bar.update(job[2].numel())
+
+            list(pool.map(run, jobs))
     finally:
         for fd in files.values():
             os.close(fd)
@@ -105,6 +110,20 @@ def read_into(pairs: list[tuple[Entry, torch.Tensor]], threads: int = READERS) -
         for out, buffer in finish:
             out.copy_(buffer, non_blocking=out.device.type == "cuda")
     return sum(entry.end - entry.start for entry, _ in pairs)
+
+
+def _progress(total: int):
+    """A tqdm bar that appears only if the load takes over a second, on a terminal (a no-op without tqdm)."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return contextlib.nullcontext(_NoBar())
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, delay=1.0, disable=None, desc="loading")
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
 
 
 def _pread(fd: int, path: Path, offset: int, into: torch.Tensor) -> None:
