@@ -148,3 +148,13 @@ def deepspeed_tied_llama(fabric):
     fabric.backward(loss)
     optimizer.step()
     return {"tied": module.lm_head.weight is module.embed.weight, "loss": float(loss)}
+
+
+def fsdp_load_raw(fabric, path):
+    """Set up an empty model under FSDP, then load a checkpoint into the shards (each rank its own rows)."""
+    with fabric.init_module(empty_init=True):
+        module = tiny_llama()
+    model = fabric.setup(module)
+    report = fabric.load_raw(path, model)
+    full = {name: p.full_tensor().detach().clone() for name, p in model.named_parameters()}
+    return {"full": full, "bytes": gathered(fabric, report.bytes), "missing": report.missing}

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.distributed as dist
-from dist_workers import fsdp_build_and_setup, fsdp_training, seed_snippet, tiny_llama
+from dist_workers import fsdp_build_and_setup, fsdp_load_raw, fsdp_training, seed_snippet, tiny_llama
 from test_distributed import deadline, deadline_guard  # noqa: F401  (the hang guard, also for fixtures)
 from test_exact import eager
 
@@ -88,3 +88,18 @@ def test_cpu_offload_needs_a_gpu():
     plan = torchinit.Fabric(accelerator="cpu", strategy="fsdp").plan
     with pytest.raises(ValueError, match="cpu_offload=True"):
         fsdp._shard_kwargs(plan, torchinit.FSDPStrategy(cpu_offload=True))
+
+
+def test_load_into_shards_reads_only_each_ranks_rows(tmp_path):
+    from safetensors.torch import save_file
+
+    want = eager(tiny_llama, torch.bfloat16)
+    state = {k: v.contiguous() for k, v in want.state_dict().items() if k != "lm_head.weight"}  # tied: stored once
+    save_file(state, tmp_path / "model.safetensors")
+    fabric = torchinit.Fabric(accelerator="cpu", strategy="fsdp", devices=2, precision="bf16-true", seed=1)
+    result = fabric.launch(fsdp_load_raw, tmp_path / "model.safetensors")
+    for name, value in result["full"].items():
+        assert torch.equal(value, dict(want.named_parameters())[name]), name
+    total = sum(v.numel() * v.element_size() for v in state.values())
+    assert sum(result["bytes"]) == total and max(result["bytes"]) < 0.6 * total, "each rank read about half"
+    assert not result["missing"]

@@ -205,12 +205,14 @@ class Fabric:
     # ---- load ------------------------------------------------------------------------------------
     def load_raw(self, path: str | os.PathLike, obj: nn.Module | torch.optim.Optimizer, strict: bool = True) -> Any:
         """Load a plain checkpoint into one module (any format `torchinit.load_checkpoint` reads; real, empty or
-        meta; before or after `setup`) or one optimizer. Returns the module's `LoadReport`."""
+        meta; before or after `setup`; FSDP-sharded, where each rank reads only its rows) or one optimizer.
+        Returns the module's `LoadReport`."""
         if isinstance(obj, torch.optim.Optimizer):
             obj.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             return None
         module = obj.module if isinstance(obj, single.FabricModule) else obj
-        self._no_sharded_checkpoints("load_raw")
+        if self.plan.strategy == "deepspeed":
+            self._no_sharded_checkpoints("load_raw")  # FSDP shards are read in place (shard-on-read)
         return load_checkpoint(module, path, strict=strict, device=self.device, dtype=self.plan.param_dtype)
 
     # ---- run -------------------------------------------------------------------------------------

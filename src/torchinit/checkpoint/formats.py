@@ -66,16 +66,47 @@ class Checkpoint(Mapping):
         return entry.end - entry.start
 
     def load_into(self, pairs: list[tuple[str, torch.Tensor]]) -> int:
-        """Fill each tensor with the value under its key (cast as `copy_` would); returns bytes read."""
-        lazy = [(self.entries[k], t) for k, t in pairs if isinstance(self.entries[k], Entry)]
+        """Fill each tensor with the value under its key (cast as `copy_` would); returns bytes read.
+
+        A destination sharded on dim 0 (an FSDP2 DTensor) gets only this rank's rows, and for safetensors only
+        those rows' bytes are read (shard-on-read: no rank reads the whole tensor, no broadcast).
+        """
+        lazy, eager = [], []
+        for key, t in pairs:
+            entry, rows = self.entries[key], _local_rows(t)
+            local = t.to_local() if rows is not None else t
+            if isinstance(entry, Entry):
+                lazy.append((_rows_of(entry, rows) if rows is not None else entry, local))
+            else:
+                eager.append((entry[rows[0]:rows[1]] if rows is not None else entry, local))
         done = safetensors.read_into(lazy) if lazy else 0
         with torch.no_grad():
-            for key, t in pairs:
-                entry = self.entries[key]
-                if isinstance(entry, torch.Tensor):
-                    t.copy_(entry)
-                    done += self.nbytes(key)
+            for value, local in eager:
+                local.copy_(value)
+                done += value.numel() * value.element_size()
         return done
+
+
+def _local_rows(t: torch.Tensor) -> tuple[int, int] | None:
+    """This rank's rows of a DTensor sharded on dim 0 over a 1-D mesh (torch.chunk layout), else None."""
+    placements = getattr(t, "placements", None)
+    if placements is None:
+        return None
+    if len(placements) != 1 or not placements[0].is_shard(0):
+        raise CheckpointError(f"loading into a DTensor with placements {placements} is not supported (dim-0 shards "
+                              "on one mesh dimension are, as FSDP2 makes them).")
+    mesh = t.device_mesh
+    size, rank = mesh.size(), mesh.get_local_rank()
+    chunk = -(-t.shape[0] // size) if t.shape[0] else 0
+    start = min(rank * chunk, t.shape[0])
+    return start, min(start + chunk, t.shape[0])
+
+
+def _rows_of(entry: Entry, rows: tuple[int, int]) -> Entry:
+    """The byte range of rows [a, b) of a row-major tensor in the file."""
+    row = (entry.end - entry.start) // entry.shape[0] if entry.shape and entry.shape[0] else 0
+    shape = (rows[1] - rows[0], *entry.shape[1:])
+    return Entry(entry.path, entry.dtype, shape, entry.start + rows[0] * row, entry.start + rows[1] * row)
 
 
 def open_checkpoint(path: str | Path, select: str | None = None, mmap: bool = True) -> Checkpoint:
