@@ -223,13 +223,15 @@ def test_fabric_load_raw_into_an_empty_model_and_an_optimizer(tmp_path):
     assert optimizer.param_groups[0]["lr"] == 0.25
 
 
-def test_load_raw_into_sharded_models_is_not_available_yet(tmp_path):
+def test_sharded_checkpoint_files_are_not_available_yet(tmp_path):
     path = write("pt", {"weight": torch.ones(1, 2), "bias": torch.ones(1)}, tmp_path)
+    with pytest.raises(NotImplementedError, match="deepspeed"):
+        torchinit.Fabric(accelerator="cpu", strategy="deepspeed_stage_3").load_raw(path, nn.Linear(2, 1))
     fabric = torchinit.Fabric(accelerator="cpu", strategy="fsdp")
     with pytest.raises(NotImplementedError, match="fsdp"):
-        fabric.load_raw(path, nn.Linear(2, 1))
-    with pytest.raises(NotImplementedError, match="fsdp"):
         fabric.save(tmp_path / "x.pt", {"model": nn.Linear(2, 1)})
+    with pytest.raises(NotImplementedError, match="fsdp"):
+        fabric.load(path, {"model": nn.Linear(2, 1)})
 
 
 class Unpicklable:
