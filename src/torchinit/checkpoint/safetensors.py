@@ -26,6 +26,7 @@ DTYPES = {
 }
 MAX_HEADER = 100 * 2**20  # the format's own limit
 CHUNK = 64 * 2**20  # large tensors are read in pieces of this size, in parallel
+STAGING = 256 * 2**20  # at most this much CPU buffer for values that cannot be read in place
 
 
 class CheckpointError(ValueError):
@@ -83,33 +84,56 @@ READERS = min(16, max(4, os.cpu_count() or 4))  # page-cache copies scale with c
 
 def read_into(pairs: list[tuple[Entry, torch.Tensor]], threads: int = READERS) -> int:
     """Fill each destination tensor with its entry's values (cast on the fly when the dtypes differ); returns the
-    bytes read. CPU destinations of the entry's dtype are read into directly; others go through a CPU buffer."""
-    jobs, finish = [], []
-    for entry, out in pairs:
-        direct = out.device.type == "cpu" and out.dtype == entry.dtype and out.is_contiguous()
-        target = out if direct else torch.empty(entry.shape, dtype=entry.dtype)
-        raw = target.detach().reshape(-1).view(torch.uint8)
-        for offset in range(0, entry.end - entry.start, CHUNK):
-            jobs.append((entry.path, entry.start + offset, raw[offset:offset + CHUNK]))
-        if not direct:
-            finish.append((out, target))
+    bytes read.
+
+    CPU destinations of the entry's dtype are read into directly. Others (another dtype, another device) go
+    through CPU buffers, at most `STAGING` bytes of them at a time, so an fp32 checkpoint loaded into a bf16
+    model never holds an fp32 copy of the model.
+    """
+    direct = [(e, out) for e, out in pairs if out.device.type == "cpu" and out.dtype == e.dtype
+              and out.is_contiguous()]
+    in_place = {id(out) for _, out in direct}
+    staged = [(e, out) for e, out in pairs if id(out) not in in_place]
+    batches, batch, size = [], [], 0
+    for entry, out in staged:
+        if batch and size + entry.end - entry.start > STAGING:
+            batches.append(batch)
+            batch, size = [], 0
+        batch.append((entry, out))
+        size += entry.end - entry.start
+    batches.append(batch)
+    total = sum(entry.end - entry.start for entry, _ in pairs)
     files: dict[Path, int] = {}
     try:
-        for path in {job[0] for job in jobs}:
+        for path in {entry.path for entry, _ in pairs}:
             files[path] = os.open(path, os.O_RDONLY)
-        with ThreadPoolExecutor(max_workers=threads) as pool, _progress(sum(j[2].numel() for j in jobs)) as bar:
-            def run(job) -> None:
-                _pread(files[job[0]], job[0], job[1], job[2])
-                bar.update(job[2].numel())
-
-            list(pool.map(run, jobs))
+        with ThreadPoolExecutor(max_workers=threads) as pool, _progress(total) as bar:
+            _read(pool, files, bar, direct)
+            for batch in batches:
+                buffers = [(out, torch.empty(entry.shape, dtype=entry.dtype)) for entry, out in batch]
+                _read(pool, files, bar, [(entry, buf) for (entry, _), (_, buf) in zip(batch, buffers, strict=True)])
+                with torch.no_grad():
+                    for out, buffer in buffers:
+                        out.copy_(buffer)
     finally:
         for fd in files.values():
             os.close(fd)
-    with torch.no_grad():
-        for out, buffer in finish:
-            out.copy_(buffer, non_blocking=out.device.type == "cuda")
-    return sum(entry.end - entry.start for entry, _ in pairs)
+    return total
+
+
+def _read(pool: ThreadPoolExecutor, files: dict[Path, int], bar, pairs: list[tuple[Entry, torch.Tensor]]) -> None:
+    """pread every entry into its (CPU, same dtype, contiguous) tensor, in CHUNK pieces on the pool."""
+    jobs = []
+    for entry, out in pairs:
+        raw = out.detach().reshape(-1).view(torch.uint8)
+        for offset in range(0, entry.end - entry.start, CHUNK):
+            jobs.append((entry.path, entry.start + offset, raw[offset:offset + CHUNK]))
+
+    def run(job) -> None:
+        _pread(files[job[0]], job[0], job[1], job[2])
+        bar.update(job[2].numel())
+
+    list(pool.map(run, jobs))
 
 
 def _progress(total: int):
