@@ -158,3 +158,62 @@ def fsdp_load_raw(fabric, path):
     report = fabric.load_raw(path, model)
     full = {name: p.full_tensor().detach().clone() for name, p in model.named_parameters()}
     return {"full": full, "bytes": gathered(fabric, report.bytes), "missing": report.missing}
+
+
+def relaunch(fabric):
+    try:
+        fabric.launch()
+    except RuntimeError as error:
+        return str(error)
+
+
+def die_on_rank_one(fabric):
+    import os
+    import time
+
+    if fabric.global_rank == 1:
+        os._exit(3)  # no Python error, no error file: the launcher must still name it and stop rank 0
+    time.sleep(60)
+
+
+class NoInitParam(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.empty(4))
+
+
+def deepspeed_errors(fabric):
+    """Every DeepSpeed error path, in one run (all ranks do the same, so collectives stay matched)."""
+    errors = {}
+
+    def catch(name, fn):
+        try:
+            fn()
+        except (RuntimeError, ValueError) as error:
+            errors[name] = str(error)
+
+    catch("optimizer first", lambda: fabric.setup_optimizers(torch.optim.SGD(nn.Linear(2, 2).parameters(), 0.1)))
+
+    def view_write():
+        with fabric.init_module():
+            layer = nn.Linear(4, 4)
+            layer.weight.data.unsqueeze(0).fill_(1.0)
+    catch("view write", view_write)
+
+    def no_init():
+        with fabric.init_module(empty_init=True):
+            module = NoInitParam()
+        fabric.setup(module)
+    catch("no init", no_init)
+
+    with fabric.init_module():
+        module = nn.Linear(4, 4)
+    model = fabric.setup(module)
+    model(torch.ones(1, 4))  # the engine is made here, without an optimizer
+    catch("engine twice", lambda: fabric.setup_optimizers(torch.optim.SGD(module.parameters(), 0.1)))
+
+    with fabric.init_module():
+        module = nn.Linear(4, 4)
+    model, optimizer = fabric.setup(module, torch.optim.SGD(module.parameters(), 0.1))
+    catch("closure", lambda: optimizer.step(closure=lambda: 0.0))
+    return errors

@@ -294,3 +294,57 @@ def test_progress_bar_shows_only_for_slow_loads_on_a_terminal():
     with _progress(100) as bar:  # pytest's output is not a terminal: created disabled, updates are no-ops
         bar.update(100)
     assert getattr(bar, "disable", True)
+
+
+def test_ambiguous_prefixes_need_a_key_map(tmp_path):
+    model = nn.Linear(2, 2, bias=False)
+    path = write("pt", {"module.weight": torch.ones(2, 2), "model.weight": torch.zeros(2, 2)}, tmp_path)
+    with pytest.raises(torchinit.CheckpointError, match="several prefixes.*key_map"):
+        torchinit.load_checkpoint(model, path, strict=False)
+    torchinit.load_checkpoint(model, path, strict=False, key_map={"module.weight": "weight"})
+    assert torch.equal(model.weight, torch.ones(2, 2))
+
+
+def test_folders_that_do_not_say_what_to_load(tmp_path):
+    two = tmp_path / "two"
+    two.mkdir()
+    torch.save({"w": torch.ones(1)}, two / "a.pt")
+    torch.save({"w": torch.ones(1)}, two / "b.pt")
+    with pytest.raises(torchinit.CheckpointError, match=r"two: cannot tell which.*a\.pt"):
+        torchinit.open_checkpoint(two)
+    dcp = tmp_path / "dcp"
+    dcp.mkdir()
+    (dcp / ".metadata").write_bytes(b"")
+    with pytest.raises(torchinit.CheckpointError, match="torch.distributed.checkpoint folder.*dcp_to_torch_save"):
+        torchinit.open_checkpoint(dcp)
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text("{not json")
+    with pytest.raises(torchinit.CheckpointError, match="model.safetensors.index.json: not a valid checkpoint index"):
+        torchinit.open_checkpoint(index)
+
+
+def test_fabric_load_checks_what_it_is_given(tmp_path):
+    fabric = torchinit.Fabric(accelerator="cpu")
+    fabric.save(tmp_path / "state.pt", {"model": nn.Linear(2, 2), "step": 3})
+    with pytest.raises(torchinit.CheckpointError, match="state.pt: the entry is a int, not a state dict of tensors"):
+        fabric.load(tmp_path / "state.pt", {"step": nn.Linear(2, 2)})
+    fabric.save(tmp_path / "model.safetensors", {"model": nn.Linear(2, 2)})
+    with pytest.raises(ValueError, match="holds one module"):
+        fabric.load(tmp_path / "model.safetensors", {"a": nn.Linear(2, 2), "b": nn.Linear(2, 2)})
+
+
+def test_dtensors_other_than_dim_0_shards_are_refused(tmp_path):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    torch.distributed.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    try:
+        mesh = init_device_mesh("cpu", (2,))
+        holder = nn.Module()
+        holder.w = nn.Parameter(distribute_tensor(torch.zeros(4), mesh, [Replicate()]))
+        path = write("pt", {"w": torch.ones(4)}, tmp_path)
+        with pytest.raises(torchinit.CheckpointError, match=r"placements \(Replicate\(\),\) is not supported"):
+            torchinit.load_checkpoint(holder, path)
+    finally:
+        torch.distributed.destroy_process_group()

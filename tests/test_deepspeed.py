@@ -4,7 +4,7 @@ import importlib.util
 
 import pytest
 import torch
-from dist_workers import deepspeed_tied_llama, deepspeed_training
+from dist_workers import deepspeed_errors, deepspeed_tied_llama, deepspeed_training
 from test_distributed import deadline  # noqa: F401  (the hang guard)
 
 import torchinit
@@ -48,6 +48,16 @@ def test_zero_1_and_2(strategy):
     assert result["partitioned"] is None and torch.isfinite(torch.tensor(result["loss"]))
     assert torch.equal(result["start"]["body.0.weight"], torch.full((16, 8), 0.5))
     assert result["same"][0] == result["same"][1]
+
+
+def test_deepspeed_error_paths():
+    fabric = torchinit.Fabric(accelerator="cpu", strategy="deepspeed_stage_3", devices=2, seed=0)
+    errors = fabric.launch(deepspeed_errors)
+    assert "call fabric.setup(model) before setup_optimizers" in errors["optimizer first"]
+    assert "partitioned parameter through a view" in errors["view write"]
+    assert "'<root>' (NoInitParam)" in errors["no init"] and "no reset_parameters" in errors["no init"]
+    assert "engine was already created" in errors["engine twice"]
+    assert "step(closure) is not supported" in errors["closure"]
 
 
 def test_deepspeed_config_follows_the_precision():

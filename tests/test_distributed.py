@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 import torch
-from dist_workers import crash_on_rank_one, ddp_training
+from dist_workers import crash_on_rank_one, ddp_training, die_on_rank_one, relaunch
 from torch import nn
 
 import torchinit
@@ -53,6 +53,17 @@ def test_a_crash_in_one_rank_stops_all_with_an_error():
     fabric = torchinit.Fabric(accelerator="cpu", devices=2)
     with pytest.raises(RuntimeError, match=r"Rank 1 of 2 failed first(.|\n)*ValueError: rank one broke"):
         fabric.launch(crash_on_rank_one)
+
+
+def test_a_rank_that_dies_without_an_error_is_named_and_the_others_stopped():
+    fabric = torchinit.Fabric(accelerator="cpu", devices=2)
+    with pytest.raises(RuntimeError, match=r"Rank 1 of 2 failed \(process 1 terminated with exit code 3\)"):
+        fabric.launch(die_on_rank_one)  # rank 0 sleeps for a minute: the deadline proves it was stopped
+
+
+def test_launch_twice_is_an_error():
+    fabric = torchinit.Fabric(accelerator="cpu", devices=2)
+    assert "launch() was already called" in fabric.launch(relaunch)
 
 
 def test_multi_process_work_before_launch_is_an_error():

@@ -81,6 +81,8 @@ def test_single_process_collectives():
     t = torch.ones(2)
     assert fabric.all_reduce(t) is t
     fabric.barrier()
+    with pytest.raises(ValueError, match="reduce_op='max'"):
+        fabric.all_reduce(t, reduce_op="max")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -426,3 +426,43 @@ def test_meta_context_nesting_and_parameter_attributes():
     assert layer.weight.device.type == "meta" and not layer.frozen.requires_grad and layer.frozen.tag == "kept"
     torchinit.materialize(layer, "cpu", checkpoint={"frozen": torch.ones(2)})
     assert layer.frozen.tag == "kept" and not layer.frozen.requires_grad
+
+
+class Raising(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.empty(2))
+
+    def reset_parameters(self):
+        raise ValueError("broken init")
+
+
+class WrongShape(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.empty(2))
+
+    def reset_parameters(self):
+        self.w = nn.Parameter(torch.ones(3))
+
+
+@pytest.mark.parametrize("build, match", [
+    (Raising, r"The init of '1' \(Raising\) raised ValueError: broken init"),
+    (WrongShape, r"The init of WrongShape replaced 1\.w with shape \(3,\); the module declared \(2,\)"),
+])
+def test_a_failing_init_is_named_and_the_model_stays_meta(build, match):
+    model = user_meta(lambda: nn.Sequential(nn.Linear(2, 2), build()))
+    ids = objects(model)
+    with pytest.raises(torchinit.MaterializeError, match=match):
+        torchinit.materialize(model, "cpu")
+    assert objects(model) == ids and all(t.device.type == "meta" for t in tensors(model).values())
+
+
+def test_a_weak_reference_to_a_meta_parameter_is_a_clear_error():
+    import weakref
+
+    model = user_meta(lambda: nn.Linear(2, 2))
+    ref = weakref.ref(model.weight)
+    with pytest.raises(torchinit.MaterializeError, match=r"shape \(2, 2\) in place.*weak references"):
+        torchinit.materialize(model, "cpu")
+    assert ref() is model.weight and model.weight.device.type == "meta"

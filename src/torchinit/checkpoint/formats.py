@@ -27,10 +27,18 @@ class Checkpoint(Mapping):
 
     def __init__(self, path: Path, entries: dict[str, Entry | torch.Tensor], files: list[Path], metadata: dict):
         self.path, self.entries, self.files, self.metadata = path, entries, files, metadata
+        self.bytes_read = 0
+
+    def renamed(self, names: Mapping[str, str]) -> Checkpoint:
+        """The entries under other keys ({new key: key here}); data is still read only on `load_into`."""
+        return Checkpoint(self.path, {new: self.entries[old] for new, old in names.items()}, self.files,
+                          self.metadata)
 
     @classmethod
     def from_tensors(cls, path: Path, state: Mapping[str, torch.Tensor]) -> Checkpoint:
         """A state dict already in memory (one entry of a saved training state), named after its file."""
+        if not isinstance(state, Mapping):
+            raise CheckpointError(f"{path}: the entry is a {type(state).__name__}, not a state dict of tensors.")
         bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
         if bad:
             raise CheckpointError(f"{path}: the entry is not a state dict of tensors (e.g. {bad[:3]}).")
@@ -84,6 +92,7 @@ class Checkpoint(Mapping):
             for value, local in eager:
                 local.copy_(value)
                 done += value.numel() * value.element_size()
+        self.bytes_read += done
         return done
 
 

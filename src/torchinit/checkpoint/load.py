@@ -45,32 +45,6 @@ class LoadReport:
         return self.bytes / 2**30 / self.seconds if self.seconds else 0.0
 
 
-class _Renamed(Mapping):
-    """The checkpoint seen under the model's key names."""
-
-    def __init__(self, checkpoint: Checkpoint, names: dict[str, str]):
-        self.checkpoint, self.names = checkpoint, names  # model key -> checkpoint key
-        self.bytes = 0
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        return self.checkpoint[self.names[key]]
-
-    def __iter__(self):
-        return iter(self.names)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self.names  # Mapping's default would read the tensor to find out
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self.checkpoint.shape(self.names[key])
-
-    def load_into(self, pairs: list[tuple[str, torch.Tensor]]) -> None:
-        self.bytes += self.checkpoint.load_into([(self.names[k], t) for k, t in pairs])
-
-
 def load_checkpoint(
     module: nn.Module,
     path: str | Path,
@@ -121,9 +95,9 @@ def load_into(
             f"{_some(report.unexpected)}. Nothing was loaded; pass strict=False to load what matches (the rest is "
             "initialized by the modules' init), or key_map= to rename."
         )
-    view = _Renamed(checkpoint, names)
+    view = checkpoint.renamed(names)  # the checkpoint under the model's key names
     result = materialize(module, device, dtype, checkpoint=view)
-    report.initialized, report.bytes = result.from_init, view.bytes
+    report.initialized, report.bytes = result.from_init, view.bytes_read
     report.seconds = time.perf_counter() - start
     return report
 

@@ -53,7 +53,9 @@ def param_dtype(plan: Plan) -> torch.dtype:
 
 def config(plan: Plan, options: DeepSpeedStrategy) -> dict:
     dtype = param_dtype(plan)
-    base = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": options.stage}}
+    # Fabric users bring any torch optimizer; DeepSpeed refuses all but its tested few unless told otherwise.
+    base = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": options.stage},
+            "zero_allow_untested_optimizer": True}
     if dtype == torch.bfloat16:
         base["bf16"] = {"enabled": True}
     elif dtype == torch.float16:
@@ -75,7 +77,9 @@ def zero_init(plan: Plan, options: DeepSpeedStrategy, skip_writes: bool) -> Iter
     watch = _PartitionedWrites(deepspeed, skip_writes)
     handle = module_hooks.register_module_parameter_registration_hook(watch.remember)
     try:
-        with deepspeed.zero.Init(config_dict_or_path=config(plan, options), dtype=param_dtype(plan)), watch:
+        # No dtype=: DeepSpeed 0.19 then takes it from the config's bf16/fp16 sections. Passed explicitly, it is
+        # ignored wherever the accelerator lacks fp16 (an operator-precedence slip makes CPU partitions bf16).
+        with deepspeed.zero.Init(config_dict_or_path=config(plan, options)), watch:
             yield
     finally:
         handle.remove()

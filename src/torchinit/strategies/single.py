@@ -127,10 +127,13 @@ def check_optimizer(optimizer: torch.optim.Optimizer, model_set_up: bool = True)
     """An optimizer built from meta parameters is fine once they are materialized in place; one that already
     holds state for meta parameters (a step was taken) is not, and parameters still on meta cannot step."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    stale = [i for i, p in enumerate(params) if p.device.type == "meta" and optimizer.state.get(p)]
-    stale += [i for i, p in enumerate(params) if any(
-        isinstance(v, torch.Tensor) and v.device.type == "meta" for v in optimizer.state.get(p, {}).values()
-    ) and i not in stale]
+
+    def meta_state(p: torch.Tensor) -> bool:
+        state = optimizer.state.get(p, {})
+        return bool(state) and (p.device.type == "meta" or any(
+            isinstance(v, torch.Tensor) and v.device.type == "meta" for v in state.values()))
+
+    stale = [i for i, p in enumerate(params) if meta_state(p)]
     if stale:
         raise RuntimeError(
             f"{type(optimizer).__name__} already holds state for {len(stale)} parameter(s) on the meta device "
