@@ -1,5 +1,7 @@
 """Functions that `Fabric.launch(fn)` runs in spawned processes (module level, so that they pickle)."""
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -65,7 +67,7 @@ def fsdp_build_and_setup(fabric, empty_init):
     with torchinit.nan_poison(), fabric.init_module(empty_init=empty_init):
         module = tiny_llama()
     assert all(p.device.type == "meta" for p in module.parameters()), "FSDP never builds the full model"
-    assert module.rope.inv_freq.device == fabric.device, "buffers are computed for real"
+    assert module.rope.inv_freq.device.type == "meta", "recorded: buffers too are replayed in setup"
     early = torch.optim.AdamW(module.parameters(), lr=1e-3)  # before setup, from meta parameters
     with torchinit.nan_poison():
         model = fabric.setup(module)
@@ -194,6 +196,17 @@ def deepspeed_errors(fabric):
 
     catch("optimizer first", lambda: fabric.setup_optimizers(torch.optim.SGD(nn.Linear(2, 2).parameters(), 0.1)))
 
+    def not_recorded():
+        with fabric.init_module():
+            module = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+        with torch.device("meta"):
+            module[1] = nn.Linear(4, 4)
+        fabric.setup(module)
+    catch("not recorded", not_recorded)
+
+    recorded_plan = fabric.plan  # the rest of the zero.Init path's errors
+    fabric.plan = dataclasses.replace(fabric.plan, options=torchinit.DeepSpeedStrategy(stage=3, record_init=False))
+
     def view_write():
         with fabric.init_module():
             layer = nn.Linear(4, 4)
@@ -205,6 +218,7 @@ def deepspeed_errors(fabric):
             module = NoInitParam()
         fabric.setup(module)
     catch("no init", no_init)
+    fabric.plan = recorded_plan
 
     with fabric.init_module():
         module = nn.Linear(4, 4)

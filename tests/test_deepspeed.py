@@ -4,7 +4,7 @@ import importlib.util
 
 import pytest
 import torch
-from dist_workers import deepspeed_errors, deepspeed_tied_llama, deepspeed_training
+from dist_workers import PostInit, deepspeed_errors, deepspeed_tied_llama, deepspeed_training
 from test_distributed import deadline  # noqa: F401  (the hang guard)
 
 import torchinit
@@ -12,9 +12,11 @@ import torchinit
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed")
 
 
+@pytest.mark.parametrize("record", [True, False], ids=["recorded", "zero.Init"])
 @pytest.mark.parametrize("joint", [True, False], ids=["setup(model, opt)", "setup(model); setup_optimizers(opt)"])
-def test_zero3_keeps_init_written_after_module_init(joint):
-    fabric = torchinit.Fabric(accelerator="cpu", strategy="deepspeed_stage_3", devices=2, precision="bf16-true", seed=0)
+def test_zero3_keeps_init_written_after_module_init(joint, record):
+    fabric = torchinit.Fabric(accelerator="cpu", strategy=torchinit.DeepSpeedStrategy(stage=3, record_init=record),
+                              devices=2, precision="bf16-true", seed=0)
     result = fabric.launch(deepspeed_training, False, joint)
     assert result["partitioned"], "every parameter is partitioned as soon as its module is built"
     start = result["start"]
@@ -24,8 +26,20 @@ def test_zero3_keeps_init_written_after_module_init(joint):
     assert result["same"][0] == result["same"][1]
 
 
-def test_zero3_empty_init_skips_work_and_setup_initializes_independent_of_world_size():
+def test_zero3_empty_init_replays_the_record_independent_of_world_size():
+    """By default ZeRO-3 records, also with empty init: setup replays the eager values into the partitions."""
     results = [torchinit.Fabric(accelerator="cpu", strategy="deepspeed_stage_3", devices=n, precision="bf16-true",
+                                seed=0).launch(deepspeed_training, True, True) for n in (1, 2)]
+    torch.manual_seed(0)
+    reference = {n: p.detach().to(torch.bfloat16).float() for n, p in PostInit().named_parameters()}
+    for name, value in reference.items():
+        assert torch.equal(results[0]["start"][name], value), name
+        assert torch.equal(results[1]["start"][name], value), name
+
+
+def test_zero3_without_record_empty_init_skips_work_and_setup_initializes_independent_of_world_size():
+    strategy = torchinit.DeepSpeedStrategy(stage=3, record_init=False)
+    results = [torchinit.Fabric(accelerator="cpu", strategy=strategy, devices=n, precision="bf16-true",
                                 seed=0).launch(deepspeed_training, True, True) for n in (1, 2)]
     start = results[1]["start"]
     for name, value in results[0]["start"].items():  # each rank keeps its slice of the same full init (G7)
@@ -54,6 +68,7 @@ def test_deepspeed_error_paths():
     fabric = torchinit.Fabric(accelerator="cpu", strategy="deepspeed_stage_3", devices=2, seed=0)
     errors = fabric.launch(deepspeed_errors)
     assert "call fabric.setup(model) before setup_optimizers" in errors["optimizer first"]
+    assert "not in the record: 1.weight, 1.bias" in errors["not recorded"]
     assert "partitioned parameter through a view" in errors["view write"]
     assert "'<root>' (NoInitParam)" in errors["no init"] and "no reset_parameters" in errors["no init"]
     assert "engine was already created" in errors["engine twice"]

@@ -21,11 +21,13 @@ def world():
                 .launch(fsdp_training, True) for n in (1, 2)}
 
 
-def test_values_do_not_depend_on_the_world_size(world):
+def test_values_do_not_depend_on_the_world_size_and_are_eager(world):
     one, two = world[1], world[2]
+    reference = eager(tiny_llama, torch.bfloat16).state_dict()
     assert one["full"].keys() == two["full"].keys()
     for name, value in one["full"].items():
         assert torch.equal(value, two["full"][name]), name
+        assert torch.equal(value, reference[name]), f"{name}: the recorded init replayed, as eager computes it"
     assert one["dtype"] == {torch.bfloat16}
     assert all(torch.isfinite(v).all() for v in one["full"].values())
 

@@ -263,11 +263,11 @@ def test_init_that_replaces_objects_or_memory_keeps_identity():
 class Recorded:
     """A stand-in for the recorded-init source: fills what it covers with 7, in one replay."""
 
-    def __init__(self, names):
-        self.names, self.replayed = set(names), []
+    def __init__(self, tensors):
+        self.ids, self.replayed = {id(t) for t in tensors}, []
 
-    def covers(self, name):
-        return name in self.names
+    def covers(self, tensor):
+        return id(tensor) in self.ids
 
     def replay(self, targets):
         self.replayed.append(sorted(targets))
@@ -277,7 +277,7 @@ class Recorded:
 
 def test_sources_in_order_checkpoint_then_recorded_then_own_init():
     model = user_meta(lambda: nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)))
-    record = Recorded(["0.weight", "0.bias", "1.weight"])
+    record = Recorded([model[0].weight, model[0].bias, model[1].weight])
     report = torchinit.materialize(model, "cpu", checkpoint={"0.weight": torch.ones(2, 2)}, recorded=record)
     assert record.replayed == [["0.bias", "1.weight"]]
     assert torch.equal(model[0].weight, torch.ones(2, 2))

@@ -5,6 +5,7 @@ from torchinit.checkpoint.load import LoadReport, load_checkpoint
 from torchinit.checkpoint.safetensors import CheckpointError
 from torchinit.fabric import Fabric, seed_everything
 from torchinit.init.context import InitContext, nan_poison
+from torchinit.init.record import RecordContext, RecordError
 from torchinit.materialize.materialize import (
     MaterializeError,
     MaterializeReport,
@@ -19,8 +20,8 @@ from torchinit.plan import DeepSpeedStrategy, FSDPStrategy
 
 __all__ = [
     "Checkpoint", "CheckpointError", "DeepSpeedStrategy", "FSDPStrategy", "Fabric", "InitContext",
-    "InsufficientMemoryError", "LoadReport", "MaterializeError", "MaterializeReport", "RecordedInit",
-    "VerificationError", "load_checkpoint", "materialize", "nan_poison", "open_checkpoint", "register_init",
-    "seed_everything", "tie_groups", "unwritten_names", "verify",
+    "InsufficientMemoryError", "LoadReport", "MaterializeError", "MaterializeReport", "RecordContext", "RecordError",
+    "RecordedInit", "VerificationError", "load_checkpoint", "materialize", "nan_poison", "open_checkpoint",
+    "register_init", "seed_everything", "tie_groups", "unwritten_names", "verify",
 ]
 __version__ = "0.1.0"

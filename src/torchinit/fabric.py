@@ -19,6 +19,7 @@ from torchinit.checkpoint.formats import Checkpoint
 from torchinit.checkpoint.load import load_checkpoint, load_into
 from torchinit.checkpoint.save import save_state
 from torchinit.init.context import InitContext
+from torchinit.init.record import RecordContext
 from torchinit.plan import make_plan
 from torchinit.strategies import deepspeed as ds
 from torchinit.strategies import fsdp, single
@@ -91,7 +92,7 @@ class Fabric:
             )
 
     # ---- construct -------------------------------------------------------------------------------
-    def init_module(self, empty_init: bool | None = None) -> InitContext:
+    def init_module(self, empty_init: bool | None = None) -> InitContext | RecordContext:
         """Build modules on the device in the precision's dtype; `empty_init=True` skips all init work.
 
         Without empty init the model equals, bit for bit, the eager model built with the same seed on the
@@ -101,13 +102,22 @@ class Fabric:
         self._require_launch("init_module()")
         if self.plan.strategy == "deepspeed":
             return self._deepspeed_init(bool(empty_init))
-        # FSDP never builds the full model: parameters on meta, materialized shard by shard in setup.
+        # FSDP never builds the full model: parameters on meta, materialized shard by shard in setup; by default
+        # their init is recorded (with or without empty_init: it is cheap) and replayed there.
+        if self.plan.strategy == "fsdp" and self.plan.options.record_init:
+            return RecordContext(self.plan.device, self.plan.param_dtype)
         meta = self.plan.strategy == "fsdp"
         return InitContext(self.plan.device, self.plan.param_dtype, empty_init=bool(empty_init), meta=meta)
 
+    def _deepspeed_init(self, empty_init: bool) -> InitContext | RecordContext:
+        """ZeRO-3: record (setup replays into the partitions). Else the engine's dtype, and for ZeRO-3 without
+        the record `deepspeed.zero.Init` (partition each module as it is built)."""
+        if self.plan.options.stage == 3 and self.plan.options.record_init:
+            return RecordContext(self.plan.device, ds.param_dtype(self.plan))
+        return self._deepspeed_eager_init(empty_init)
+
     @contextmanager
-    def _deepspeed_init(self, empty_init: bool) -> Iterator[None]:
-        """The engine's dtype; for ZeRO-3 also `deepspeed.zero.Init` (partition each module as it is built)."""
+    def _deepspeed_eager_init(self, empty_init: bool) -> Iterator[None]:
         with ExitStack() as stack:
             if self.plan.options.stage == 3:
                 stack.enter_context(ds.zero_init(self.plan, self.plan.options, skip_writes=empty_init))

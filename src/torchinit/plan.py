@@ -45,11 +45,15 @@ class FSDPStrategy:
             or None for every element of every `nn.ModuleList` (transformer blocks). The root always is one.
         reshard_after_forward: free the gathered parameters after forward (less memory, one more all-gather).
         cpu_offload: keep shards and optimizer state on the CPU (CUDA only).
+        record_init: `init_module()` records the init on fake tensors and `setup` replays it, so the sharded
+            model equals the eager one (`torchinit.RecordContext`). False: parameters on meta, initialized in
+            `setup` by each module's own init (`reset_parameters`), for code the recorder cannot follow.
     """
 
     wrap: WrapPolicy = None
     reshard_after_forward: bool = True
     cpu_offload: bool = False
+    record_init: bool = True
 
 
 @dataclass(frozen=True)
@@ -57,11 +61,14 @@ class DeepSpeedStrategy:
     """DeepSpeed options: `Fabric(strategy=DeepSpeedStrategy(stage=3, config={...}))`.
 
     `"deepspeed"` is stage 2 (as in Lightning), `"deepspeed_stage_N"` stage N. The DeepSpeed config is built
-    from the precision and the stage; `config` entries are merged over it (yours win).
+    from the precision and the stage; `config` entries are merged over it (yours win). Stage 3 records the init
+    in `init_module()` and replays it into the partitions in `setup` (`record_init=False`: partition each module
+    as it is built, under `deepspeed.zero.Init`).
     """
 
     stage: int = 2
     config: dict | None = None
+    record_init: bool = True
 
     def __post_init__(self) -> None:
         if self.stage not in (1, 2, 3):

@@ -30,6 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from torchinit.init.construct import _aliased_result, _written_args
 from torchinit.init.context import poison_enabled
+from torchinit.init.record import records_of
 from torchinit.materialize import unwritten
 from torchinit.materialize.memory import check_fits
 from torchinit.materialize.verify import _names, tie_groups, verify
@@ -52,11 +53,11 @@ def register_init(cls: type[nn.Module], fn: InitFn | None) -> None:
 class RecordedInit(Protocol):
     """A recorded initialization (built while constructing) that can replay itself into fresh tensors."""
 
-    def covers(self, name: str) -> bool:
-        """Whether the record can produce the tensor with this qualified name."""
+    def covers(self, tensor: torch.Tensor) -> bool:
+        """Whether the record can produce this tensor object (a placeholder it made)."""
 
     def replay(self, targets: dict[str, torch.Tensor]) -> None:
-        """Write the recorded values into `targets` (qualified name -> real tensor), in recorded order."""
+        """Write the recorded values into `targets` (qualified name -> the covered tensor, now with memory)."""
 
 
 class MaterializeError(RuntimeError):
@@ -117,7 +118,8 @@ def materialize(
             module's one real device (the default device if it has none).
         dtype: floating tensors are cast to it as `Module.to(dtype)` would; integer tensors keep theirs.
         checkpoint: state-dict-keyed values; they win over every other source, also for real tensors.
-        recorded: a recorded init to replay for the tensors it covers.
+        recorded: a recorded init to replay for the tensors it covers; by default the record kept for modules
+            built in record mode (`torchinit.RecordContext`, `fabric.init_module()` under FSDP / ZeRO-3).
         init_fns: `{module class: fn(module)}`, looked up along the class's MRO before `register_init`
             registrations and the module's own `reset_parameters()` / `_reset_parameters()`.
         check_values: verify that parameters are finite and buffers NaN-free (one pass over the model).
@@ -126,6 +128,8 @@ def materialize(
     `MaterializeError` / `InsufficientMemoryError` / `VerificationError` with the model unchanged.
     """
     start = time.perf_counter()
+    if recorded is None:
+        recorded = records_of(module)
     ties = tie_groups(module)
     slots = _collect(module)
     target = _resolve_device(device, slots)
@@ -203,7 +207,7 @@ def _choose_sources(slots, checkpoint, recorded, init_fns) -> None:
             slot.source, slot.key = "checkpoint", key
         elif not slot.needs_value:
             slot.source = "kept"
-        elif recorded is not None and any(recorded.covers(n) for n in slot.names):
+        elif recorded is not None and recorded.covers(slot.tensor):
             slot.source = "recorded"
         elif _init_for(slot.owner[1], init_fns) is not None:
             slot.source = "init"
@@ -296,8 +300,9 @@ def _swap_in(t: torch.Tensor, fresh: torch.Tensor) -> Callable[[], None]:
         old = t.data
         t.data = fresh
         return lambda: setattr(t, "data", old)
-    if isinstance(t, nn.Parameter):
-        replacement = type(t)(fresh, requires_grad=t.requires_grad)
+    if isinstance(t, nn.Parameter):  # (a tensor subclass such as DTensor is a Parameter by a flag, not by type)
+        cls = type(t) if issubclass(type(t), nn.Parameter) else nn.Parameter
+        replacement = cls(fresh, requires_grad=t.requires_grad)
     else:
         replacement = fresh.detach().requires_grad_(t.requires_grad)
     replacement.__dict__ = dict(t.__dict__)

@@ -3,7 +3,9 @@ and creates the engine when it has what it needs.
 
 1. Config: stage and precision become a DeepSpeed config (micro batch 1: Fabric drives the loop); the user's
    entries are merged over it.
-2. Construction (stage 3): `deepspeed.zero.Init` partitions each module's parameters as soon as the module is
+2. Construction (stage 3): by default the init is recorded (init/record.py) and `setup` replays it module by
+   module, each partitioned as soon as it is complete (`partition_recorded`). With `record_init=False`,
+   `deepspeed.zero.Init` partitions each module's parameters as soon as the module is
    built. Init that runs later inside the context (transformers' `post_init` -> `_init_weights`, or any
    `nn.init` call on a built module) would write into an empty partition and vanish (DeepSpeed #2650). The
    write watch below gathers such a parameter, applies the write, and re-partitions it (every rank runs the
@@ -27,7 +29,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakIdKeyDictionary
 
 from torchinit.init.construct import _aliased_result, _written_args
-from torchinit.materialize.materialize import _init_for, _post_order
+from torchinit.materialize.materialize import MaterializeError, _final_dtype, _init_for, _post_order, _swap_in
+from torchinit.materialize.verify import _names
 from torchinit.plan import DeepSpeedStrategy, Plan
 
 
@@ -167,6 +170,35 @@ def initialize_partitioned(module: nn.Module) -> list[str]:
             f"initialize them: {', '.join(hopeless)}. Load a checkpoint, or give them an init method."
         )
     return names
+
+
+def partition_recorded(module: nn.Module, plan: Plan, options: DeepSpeedStrategy, recorded) -> None:
+    """ZeRO-3 from a record: module by module, children first, the record replays the module's own tensors in
+    full on the device, then DeepSpeed partitions them (`zero.Init(module=...)`) and frees the full ones.
+
+    Every rank replays the same values (eager's, G3), so the partitions do not depend on the world size (G7).
+    Peak: the partitions plus one module's tensors in full (a value the record finishes before its module
+    comes up is kept until then).
+    """
+    missing = [f"{path}.{name}" if path else name for path, owner in module.named_modules()
+               for name, t in [*owner._parameters.items(), *owner._buffers.items()]
+               if t is not None and t.device.type == "meta" and not recorded.covers(t)]
+    if missing:
+        raise MaterializeError(
+            f"Under ZeRO-3, setup replays the recorded init, and these meta tensors are not in the record: "
+            f"{_names(missing)}. Nothing was changed. Build them inside fabric.init_module(), or load them first "
+            "(torchinit.load_checkpoint)."
+        )
+    deepspeed, cfg, dtype = _deepspeed(), config(plan, options), param_dtype(plan)
+    for _, owner in _post_order(module):
+        own = {name: t for name, t in [*owner._parameters.items(), *owner._buffers.items()]
+               if t is not None and t.device.type == "meta"}
+        if not own:
+            continue
+        for t in own.values():
+            _swap_in(t, torch.empty_like(t, device=plan.device, dtype=_final_dtype(t, dtype)))
+        recorded.replay(own)
+        deepspeed.zero.Init(module=owner, config_dict_or_path=cfg)
 
 
 def _keep_partition(param: nn.Parameter, full: torch.Tensor) -> None:

@@ -8,6 +8,11 @@ unit in full.
    and the full tensors are freed). Values therefore do not depend on the world size (G7).
 3. The root last; then the Parameter objects FSDP made are mapped from the ones the user had, so optimizers
    made before `setup` can be pointed at them.
+
+A model built in record mode, with every meta tensor covered by its record, goes another way: every unit is
+sharded while still on meta (no memory), then the record is replayed once, in construction order, and each rank
+keeps its rows of each full tensor as soon as it is complete. Peak: the local shards plus one full parameter
+(and its temporaries); the values are the eager model's, whatever the world size (G3, G7).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from torchinit.init.record import records_of
 from torchinit.materialize.materialize import _post_order, materialize
 from torchinit.materialize.verify import tie_groups, verify
 from torchinit.plan import FSDPStrategy, Plan, WrapPolicy
@@ -35,15 +41,31 @@ def shard(module: nn.Module, plan: Plan, options: FSDPStrategy) -> dict[int, nn.
     before = {id(p): (name, p) for name, p in module.named_parameters()}
     ties = tie_groups(module)
     kwargs = _shard_kwargs(plan, options)
-    for unit in [*_units(module, options.wrap), module]:
-        full = [p for p in unit.parameters() if not isinstance(p, DTensor)]
-        materialize(unit, plan.device, plan.param_dtype, check_values=False)
-        fully_shard(unit, **kwargs)
-        for p in full:  # FSDP copied this rank's slice; the old objects stay only as keys for optimizers
-            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+    units = [*_units(module, options.wrap), module]
+    recorded = records_of(module)
+    if recorded is not None and _covers_all_meta(module, recorded):
+        for unit in units:
+            fully_shard(unit, **kwargs)
+        old = {name: p for name, p in before.values()}
+        for name, p in module.named_parameters():
+            recorded.rebind(old[name], p)
+        materialize(module, plan.device, plan.param_dtype, recorded=recorded, check_values=False)
+    else:
+        for unit in units:
+            full = [p for p in unit.parameters() if not isinstance(p, DTensor)]
+            materialize(unit, plan.device, plan.param_dtype, check_values=False)
+            fully_shard(unit, **kwargs)
+            for p in full:  # FSDP copied this rank's slice; the old objects stay only as keys for optimizers
+                p.data = torch.empty(0, dtype=p.dtype, device=p.device)
     verify(module, ties)
     now = dict(module.named_parameters())
     return {old: now[name] for old, (name, _) in before.items() if name in now}
+
+
+def _covers_all_meta(module: nn.Module, recorded) -> bool:
+    """Whether the record can give every meta tensor its value (else: unit by unit, through each module's init)."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return all(recorded.covers(t) for t in tensors if t.device.type == "meta")
 
 
 def _shard_kwargs(plan: Plan, options: FSDPStrategy) -> dict:

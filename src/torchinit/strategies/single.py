@@ -9,6 +9,7 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
+from torchinit.init.record import records_of
 from torchinit.materialize import unwritten
 from torchinit.materialize.materialize import materialize
 from torchinit.plan import Plan
@@ -62,7 +63,10 @@ def setup_module(module: nn.Module, plan: Plan) -> tuple[FabricModule, dict[int,
 
 def _setup_deepspeed(module: nn.Module, plan: Plan) -> FabricModule:
     dtype = deepspeed.param_dtype(plan)
-    if any(hasattr(p, "ds_id") for p in module.parameters()):  # partitioned by zero.Init: only init what is unwritten
+    recorded = records_of(module) if plan.options.stage == 3 else None
+    if recorded is not None:
+        deepspeed.partition_recorded(module, plan, plan.options, recorded)
+    elif any(hasattr(p, "ds_id") for p in module.parameters()):  # partitioned by zero.Init: only init what is unwritten
         names = deepspeed.initialize_partitioned(module)
         if names:
             warnings.warn(f"setup() initialized {len(names)} parameter(s) that empty_init=True left unwritten under "

@@ -1,0 +1,377 @@
+"""Record mode: construct a model on fake tensors and keep, per parameter and buffer, the operations that made it.
+
+Fake tensors (torch's `FakeTensorMode`) claim the target device and dtype but own no memory, so model code sees
+"cpu"/"cuda" and runs its normal init (transformers' `_init_weights` included) at no cost. Underneath, a
+dispatch mode writes down every aten op with its arguments, in order; `torch.nn.init` functions are written
+down as one call each (`trunc_normal_` loops on a data-dependent `mask.any()`, which fake tensors cannot
+answer). At exit the fake parameters and buffers become meta placeholders and the record is kept next to the
+modules (freed with them); `materialize` finds it and replays it on real memory (materialize/replay.py),
+from the random-generator state construction started with, so the values are eager's, bit for bit.
+
+1. Enter: default device, fake mode, the op recorder, function-level `nn.init` recording, module hooks.
+2. Construct: each op is recorded with its inputs as references to earlier outputs (or to the memory they
+   alias), copies of real tensors captured from outside, and generators. `.item()` / `.tolist()` on a
+   fresh tensor replays the record so far to answer with the real value (record-through).
+3. Exit: global state restored first; then fake tensors on the modules become meta placeholders (ties kept:
+   one placeholder per tensor object) and each placeholder is bound to the reference of its final value.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from torchinit.init.context import _ACTIVE, _Recorder
+
+
+class RecordError(RuntimeError):
+    """An operation that cannot be recorded for replay; the message names the module and the op."""
+
+
+# ---- what a record holds -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Ref:
+    """The output `node` of an earlier op."""
+
+    node: int
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A view made without an op (`.data`, `.data =`): `as_strided` of the memory node `node` was made with."""
+
+    node: int
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class Const:
+    """A real tensor captured from outside the constructor (copied when recorded)."""
+
+    index: int
+
+
+@dataclass(frozen=True)
+class Gen:
+    """An explicit `torch.Generator` passed to a random op."""
+
+    index: int
+
+
+@dataclass
+class Op:
+    func: Callable  # an aten OpOverload, or a torch.nn.init function recorded as one call
+    args: tuple
+    kwargs: dict
+    outs: tuple[int | None, ...]  # node ids of the tensor leaves of the result (None: not a new tensor)
+    memory: tuple[int, ...]  # the memory (first node of each storage) this op touches
+
+
+@dataclass
+class Record:
+    """Everything replay needs; holds no fake tensors and no reference to the modules."""
+
+    device: torch.device
+    default_dtype: torch.dtype
+    ops: list[Op] = field(default_factory=list)
+    consts: list[torch.Tensor] = field(default_factory=list)
+    generators: list[torch.Generator] = field(default_factory=list)
+    rng: dict[int, torch.Tensor] = field(default_factory=dict)  # generator index -> state at record start
+    memory_of: dict[int, int] = field(default_factory=dict)  # node -> the first node of its storage
+
+
+# ---- 2. the recorder ---------------------------------------------------------------------------------------
+_SKIP = {torch.ops.prim.device.default}
+
+
+class _OpRecorder(TorchDispatchMode):
+    """Sits above the fake mode: every op is written down, then computed on fake tensors."""
+
+    def __init__(self, record: Record):
+        super().__init__()
+        self.record = record
+        self.keep: list[torch.Tensor] = []  # fake tensors seen, alive so that their ids stay unique
+        self.node_of: dict[int, int] = {}  # id(fake) -> node
+        self.storage_of_node: list[int] = []  # node -> storage key when made
+        self.first_node: dict[int, int] = {}  # storage key -> first node made on it
+        self.const_of: dict[int, int] = {}
+        self.paused = False
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return False  # never compiled; skipping would import dynamo (a second)
+
+    # -- references
+    def ref(self, t: torch.Tensor) -> Ref | Alias:
+        key = _storage_key(t)
+        node = self.node_of.get(id(t))
+        if node is not None and self.storage_of_node[node] == key:
+            return Ref(node)
+        base = self.first_node.get(key)
+        if base is None:
+            raise RecordError(f"A fake tensor of shape {tuple(t.shape)} that the record never saw was used in "
+                              f"{_where()}: fake tensors from another FakeTensorMode cannot be replayed.")
+        return Alias(base, tuple(t.shape), tuple(t.stride()), t.storage_offset(), t.dtype)
+
+    def encode(self, tree: Any) -> Any:
+        def one(x):
+            if isinstance(x, FakeTensor):
+                return self.ref(x)
+            if isinstance(x, torch.Tensor):
+                return self.constant(x)
+            if isinstance(x, torch.Generator):
+                return self.generator(x)
+            return x
+
+        return pytree.tree_map(one, tree)
+
+    def constant(self, t: torch.Tensor) -> Const:
+        index = self.const_of.get(id(t))
+        if index is None:
+            with unset_fake_temporarily(), torch.no_grad():
+                copy = t.detach().clone()
+            index = self.const_of[id(t)] = len(self.record.consts)
+            self.record.consts.append(copy)
+            self.keep.append(t)
+        return Const(index)
+
+    def generator(self, g: torch.Generator) -> Gen:
+        for i, known in enumerate(self.record.generators):
+            if known is g:
+                return Gen(i)
+        self.record.generators.append(g)
+        self.record.rng[len(self.record.generators) - 1] = g.get_state()
+        return Gen(len(self.record.generators) - 1)
+
+    def bind(self, out: Any) -> tuple[int | None, ...]:
+        nodes = []
+        for leaf in pytree.tree_leaves(out):
+            if not isinstance(leaf, FakeTensor):
+                continue
+            key = _storage_key(leaf)
+            node = self.node_of.get(id(leaf))
+            if node is not None and self.storage_of_node[node] == key:
+                nodes.append(None)  # an in-place op returned its argument
+                continue
+            node = len(self.storage_of_node)
+            self.storage_of_node.append(key)
+            self.node_of[id(leaf)] = node
+            self.record.memory_of[node] = self.first_node.setdefault(key, node)
+            self.keep.append(leaf)
+            nodes.append(node)
+        return tuple(nodes)
+
+    def add(self, func: Callable, args: tuple, kwargs: dict, out: Any) -> None:
+        outs = self.bind(out)
+        memory = {self.record.memory_of[ref.node] for ref in pytree.tree_leaves((args, kwargs))
+                  if isinstance(ref, (Ref, Alias))}
+        memory.update(self.record.memory_of[n] for n in outs if n is not None)
+        self.record.ops.append(Op(func, args, kwargs, outs, tuple(sorted(memory))))
+
+    # -- dispatch
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.paused or func in _SKIP:
+            return func(*args, **kwargs)
+        if func is torch.ops.aten._local_scalar_dense.default:
+            return self.scalar(args[0])
+        enc_args, enc_kwargs = self.encode(args), self.encode(kwargs)
+        try:
+            out = func(*args, **kwargs)
+        except Exception as exc:
+            raise RecordError(
+                f"Cannot record {func} in {_where()}: {type(exc).__name__}: {exc}. Build this module outside the "
+                "record (fabric.init_module(empty_init=True) and a checkpoint, or torchinit.InitContext)."
+            ) from exc
+        self.add(func, enc_args, enc_kwargs, out)
+        return out
+
+    def scalar(self, t: torch.Tensor) -> Any:
+        """`.item()` on a fake tensor: its real value, from a replay of the record so far (never a guess)."""
+        constant = getattr(t, "constant", None)
+        if constant is not None:
+            return constant.item()
+        from torchinit.materialize.replay import evaluate
+
+        with unset_fake_temporarily():
+            return evaluate(self.record, self.ref(t)).item()
+
+    def record_call(self, fn: Callable, tensor: torch.Tensor, args: tuple, kwargs: dict) -> None:
+        self.add(fn, self.encode((tensor, *args)), self.encode(kwargs), None)
+
+
+_RECORDING: list[_OpRecorder] = []
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata
+
+
+def _where() -> str:
+    """The innermost module method on the Python stack (for error messages)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, nn.Module):
+            return f"{type(owner).__name__}.{frame.f_code.co_name} ({frame.f_code.co_filename}:{frame.f_lineno})"
+        frame = frame.f_back
+    return "code outside any module"
+
+
+@contextmanager
+def _record_init_functions() -> Iterator[None]:
+    """Record each `torch.nn.init` function on a fake tensor as one call (also `_no_grad_trunc_normal_`, which
+    implementations captured before the patch reach through), after checking its arguments on a meta tensor."""
+    names = [n for n, fn in vars(nn.init).items() if callable(fn) and n.endswith("_") and not n.startswith("__")
+             and (not n.startswith("_") or n == "_no_grad_trunc_normal_")]
+    originals = {name: getattr(nn.init, name) for name in names}
+
+    def recording(fn):
+        @functools.wraps(fn)
+        def wrapper(tensor, *args, **kwargs):
+            recorder = _RECORDING[-1] if _RECORDING else None
+            if recorder is None or recorder.paused or not isinstance(tensor, FakeTensor):
+                return fn(tensor, *args, **kwargs)
+            recorder.paused = True
+            try:  # validation only: the functions return early on meta tensors
+                fn(torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device="meta"), *args,
+                   **kwargs)
+            finally:
+                recorder.paused = False
+            recorder.record_call(fn, tensor, args, kwargs)
+            return tensor
+
+        return wrapper
+
+    for name, fn in originals.items():
+        setattr(nn.init, name, recording(fn))
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(nn.init, name, fn)
+
+
+# ---- the context ------------------------------------------------------------------------------------------
+class RecordContext:
+    """Construct modules in record mode: parameters and buffers end on meta, their init recorded for replay.
+
+    `device` is where the init is recorded to run (random numbers differ between CPU and CUDA); `dtype` is the
+    dtype floating placeholders get (as `Module.to(dtype)` would leave them; the values are computed in the
+    default dtype and cast when replayed). `torchinit.materialize(model)` and `fabric.setup(model)` replay.
+    Nothing is entered before `__enter__`; contexts do not nest.
+    """
+
+    def __init__(self, device: torch.device | str, dtype: torch.dtype | None = None):
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self._stack: ExitStack | None = None
+
+    def __enter__(self) -> RecordContext:
+        if self._stack is not None or _RECORDING or _ACTIVE:
+            raise ValueError("A record context cannot be opened inside another init or record context.")
+        stack = ExitStack()
+        try:
+            record = Record(self.device, torch.get_default_dtype())
+            recorder = _OpRecorder(record)
+            _snapshot_rng(recorder, self.device)
+            modules = _Recorder(None)
+            stack.enter_context(modules)
+            stack.enter_context(torch.device(self.device))
+            stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
+            stack.enter_context(recorder)
+            _RECORDING.append(recorder)
+            stack.callback(_RECORDING.pop)
+            stack.enter_context(_record_init_functions())
+        except BaseException:
+            stack.close()
+            raise
+        self._stack, self._recorder, self._modules = stack, recorder, modules
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        stack, recorder, modules = self._stack, self._recorder, self._modules
+        self._stack = self._recorder = self._modules = None
+        stack.close()
+        if exc_type is None:
+            _finish(recorder, list(modules.modules), self.dtype)
+        return False
+
+
+def _snapshot_rng(recorder: _OpRecorder, device: torch.device) -> None:
+    recorder.generator(torch.default_generator)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        recorder.generator(torch.cuda.default_generators[index])
+
+
+def _finish(recorder: _OpRecorder, modules: list[nn.Module], dtype: torch.dtype | None) -> None:
+    """Fake tensors on the modules -> meta placeholders bound to their recorded values; record kept."""
+    from torchinit.materialize.replay import Recording
+
+    placeholders: dict[int, torch.Tensor] = {}
+    targets: dict[int, tuple[torch.Tensor, Ref | Alias]] = {}
+    loose: dict[int, tuple[weakref.ref, str]] = {}
+
+    def placeholder(fake: FakeTensor, as_param: bool, cast: bool = True) -> torch.Tensor:
+        made = placeholders.get(id(fake))
+        if made is None:
+            want = dtype if cast and dtype is not None and fake.is_floating_point() else fake.dtype
+            data = torch.empty_strided(fake.shape, fake.stride(), dtype=want, device="meta")
+            made = nn.Parameter(data, fake.requires_grad) if as_param else data.requires_grad_(fake.requires_grad)
+            made.__dict__.update({k: v for k, v in fake.__dict__.items() if k not in _FAKE_ATTRIBUTES})
+            placeholders[id(fake)] = made
+            targets[id(made)] = (made, recorder.ref(fake))
+        return made
+
+    for module in modules:
+        for table, as_param in ((module._parameters, True), (module._buffers, False)):
+            for name, t in table.items():
+                if isinstance(t, FakeTensor):
+                    table[name] = placeholder(t, as_param)
+    for module in modules:
+        for name, value in list(vars(module).items()):
+            if isinstance(value, FakeTensor):
+                known = id(value) in placeholders
+                made = placeholder(value, isinstance(value, nn.Parameter), cast=known)
+                object.__setattr__(module, name, made)
+                if not known:  # a plain attribute: set to its value when replayed (Module.to leaves it alone)
+                    loose[id(made)] = (weakref.ref(module), name)
+    recording = Recording(recorder.record, targets, loose)
+    for module in modules:
+        _RECORDS[module] = recording
+    recorder.keep.clear()
+    recorder.node_of.clear()
+
+
+_FAKE_ATTRIBUTES = frozenset(["fake_device", "fake_mode", "constant", "_nonzero_memo", "_nonzero_memo_vc",
+                              "_unique_memo", "_unique_memo_vc", "_is_param", "pytype", "dispatch_keys"])
+_RECORDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def records_of(module: nn.Module):
+    """The recording(s) kept for `module`'s modules (None if none was built in record mode)."""
+    from torchinit.materialize.replay import Recordings
+
+    found = []
+    for sub in module.modules():
+        recording = _RECORDS.get(sub)
+        if recording is not None and recording.alive and all(r is not recording for r in found):
+            found.append(recording)
+    if not found:
+        return None
+    return found[0] if len(found) == 1 else Recordings(found)

@@ -1,0 +1,218 @@
+"""Replay a record (init/record.py) on real memory: the recorded init's values, bit for bit, on the device.
+
+1. The random generators are set to their states at record start (the user's states are restored after).
+2. The ops run in recorded order on the record's device (CPU and CUDA draw different random numbers), in the
+   default dtype of construction; each input is the real tensor of the node it refers to.
+3. When the last op touching a target's memory has run, the value is written into the target (cast as
+   `Module.to(dtype)` would; a sharded target keeps only its rows) and memory no later op needs is freed.
+   So a replay holds the targets plus the tensors still in use: one full parameter at a time for a sharded
+   model.
+A replay can stop early (the targets asked for are written) and go on later: values finished on the way
+for targets not asked for yet are kept until they are.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable
+from contextlib import contextmanager
+
+import torch
+import torch.utils._pytree as pytree
+
+from torchinit.init.record import Alias, Const, Gen, Record, Ref
+
+
+class _Replayer:
+    """Runs a record's ops, in order, from a cursor; keeps the real tensor of each node still needed."""
+
+    def __init__(self, record: Record, keep_all: bool = False):
+        self.record, self.keep_all = record, keep_all
+        self.cursor = 0
+        self.env: dict[int, torch.Tensor] = {}
+        self.consts: dict[int, torch.Tensor] = {}
+        self.rng = {i: state.clone() for i, state in record.rng.items()}
+        self.last_use = _last_use(record)
+        self.nodes_of_memory: dict[int, list[int]] = {}
+
+    def value(self, ref: Ref | Alias) -> torch.Tensor:
+        if isinstance(ref, Ref):
+            return self.env[ref.node]
+        base = self.env[ref.node]
+        if base.dtype != ref.dtype:
+            base = base.view(ref.dtype)
+        return base.as_strided(ref.size, ref.stride, ref.offset)
+
+    def decode(self, tree):
+        def one(x):
+            if isinstance(x, (Ref, Alias)):
+                return self.value(x)
+            if isinstance(x, Const):
+                if x.index not in self.consts:  # a copy: replay must not change the record
+                    self.consts[x.index] = self.record.consts[x.index].clone()
+                return self.consts[x.index]
+            if isinstance(x, Gen):
+                return self.record.generators[x.index]
+            return x
+
+        return pytree.tree_map(one, tree)
+
+    def run(self, stop: int, finished) -> None:
+        """Run ops up to `stop`; after each, `finished(memory)` for memory no later op touches, then free it."""
+        ops = self.record.ops
+        with self._generators(), _default_dtype(self.record.default_dtype), torch.no_grad():
+            while self.cursor < stop:
+                i, op = self.cursor, ops[self.cursor]
+                out = op.func(*self.decode(op.args), **self.decode(op.kwargs))
+                leaves = [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
+                for node, leaf in zip(op.outs, leaves, strict=False):
+                    if node is not None:
+                        self.env[node] = leaf
+                        self.nodes_of_memory.setdefault(self.record.memory_of[node], []).append(node)
+                self.cursor += 1
+                if self.keep_all:
+                    continue
+                for memory in op.memory:
+                    if self.last_use[memory] == i:
+                        finished(memory)
+                        for node in self.nodes_of_memory.pop(memory, ()):
+                            self.env.pop(node, None)
+
+    @contextmanager
+    def _generators(self):
+        generators = self.record.generators
+        saved = {i: generators[i].get_state() for i in self.rng}
+        for i, state in self.rng.items():
+            generators[i].set_state(state)
+        try:
+            yield
+        finally:
+            for i in self.rng:
+                self.rng[i] = generators[i].get_state()
+                generators[i].set_state(saved[i])
+
+
+def _last_use(record: Record) -> dict[int, int]:
+    last: dict[int, int] = {}
+    for i, op in enumerate(record.ops):
+        for memory in op.memory:
+            last[memory] = i
+    return last
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype):
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+def evaluate(record: Record, ref: Ref | Alias) -> torch.Tensor:
+    """The real value of one recorded tensor now (for `.item()` while recording): a replay of the record so far."""
+    replayer = _Replayer(record, keep_all=True)
+    replayer.run(len(record.ops), lambda memory: None)
+    return replayer.value(ref).clone()
+
+
+class Recording:
+    """A record bound to its placeholder tensors: the `RecordedInit` that `materialize` replays."""
+
+    def __init__(self, record: Record, targets: dict[int, tuple[torch.Tensor, Ref | Alias]],
+                 loose: dict[int, tuple[weakref.ref, str]]):
+        self.record = record
+        self.targets = targets  # id(placeholder) -> (placeholder, value reference)
+        self.loose = loose  # id(placeholder) -> (module, attribute): plain tensor attributes, set when replayed
+        self.cache: dict[int, torch.Tensor] = {}  # finished values of targets not asked for yet
+        self._replayer: _Replayer | None = None
+
+    @property
+    def alive(self) -> bool:
+        return len(self.targets) > len(self.loose)
+
+    def covers(self, tensor: torch.Tensor) -> bool:
+        entry = self.targets.get(id(tensor))
+        return entry is not None and entry[0] is tensor
+
+    def rebind(self, old: torch.Tensor, new: torch.Tensor) -> None:
+        """`new` replaces the placeholder `old` (FSDP made a sharded Parameter from it)."""
+        entry = self.targets.pop(id(old), None)
+        if entry is not None:
+            self.targets[id(new)] = (new, entry[1])
+
+    def replay(self, targets: dict[str, torch.Tensor]) -> None:
+        """Write the recorded values into `targets` (tensors this record covers, with memory now)."""
+        wanted = {id(t): t for t in targets.values() if self.covers(t)}
+        for key in [k for k in wanted if k in self.cache]:
+            _write(wanted.pop(key), self.cache.pop(key))
+            del self.targets[key]
+        last = len(self.targets) == len(self.loose) + len(wanted)  # after these, only loose attributes remain
+        if not wanted and not last:
+            return
+        if self._replayer is None:
+            self._replayer = _Replayer(self.record)
+        replayer = self._replayer
+        by_memory: dict[int, list[int]] = {}
+        for key, (_, ref) in self.targets.items():
+            by_memory.setdefault(self.record.memory_of[ref.node], []).append(key)
+
+        def finished(memory: int) -> None:
+            for key in by_memory.get(memory, ()):
+                value = replayer.value(self.targets[key][1])
+                if key in self.loose:
+                    _set_loose(*self.loose.pop(key), self.targets.pop(key)[0], value)
+                elif key in wanted:
+                    _write(wanted.pop(key), value)
+                    del self.targets[key]
+                else:
+                    self.cache[key] = value
+
+        if last:
+            stop = len(self.record.ops)
+        else:
+            stop = 1 + max(replayer.last_use[self.record.memory_of[self.targets[k][1].node]] for k in wanted)
+        replayer.run(stop, finished)
+        if not self.targets:  # every value handed out: free the record's memory
+            self._replayer = None
+            self.cache.clear()
+            self.record.ops.clear()
+            self.record.consts.clear()
+
+
+def _set_loose(module_ref: weakref.ref, name: str, placeholder: torch.Tensor, value: torch.Tensor) -> None:
+    """A plain tensor attribute gets its eager value (device and dtype as recorded: `Module.to` skips these)."""
+    module = module_ref()
+    if module is not None and vars(module).get(name) is placeholder:
+        object.__setattr__(module, name, value)
+
+
+def _write(target: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy a full value into a target; a DTensor sharded on dim 0 keeps only its own rows."""
+    from torchinit.checkpoint.formats import _local_rows
+
+    rows = _local_rows(target)
+    with torch.no_grad():
+        if rows is None:
+            target.copy_(value)
+        else:
+            target.to_local().copy_(value[rows[0]:rows[1]])
+
+
+class Recordings:
+    """Several records (modules built in separate record contexts), each replaying its own tensors."""
+
+    def __init__(self, recordings: Iterable[Recording]):
+        self.recordings = list(recordings)
+
+    def covers(self, tensor: torch.Tensor) -> bool:
+        return any(r.covers(tensor) for r in self.recordings)
+
+    def rebind(self, old: torch.Tensor, new: torch.Tensor) -> None:
+        for r in self.recordings:
+            r.rebind(old, new)
+
+    def replay(self, targets: dict[str, torch.Tensor]) -> None:
+        for r in self.recordings:
+            r.replay({name: t for name, t in targets.items() if r.covers(t)})

@@ -1,0 +1,238 @@
+"""Recorded init: built on fake tensors, replayed on real memory — the eager model's values, bit for bit (G3)."""
+
+import gc
+import weakref
+
+import numpy as np
+import pytest
+import torch
+import transformers as tf
+from test_exact import eager
+from torch import nn
+from torch.overrides import _get_current_function_mode_stack
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+import torchinit
+from torchinit.init.record import _RECORDS, records_of
+
+SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             vocab_size=100)
+MODELS = {
+    "llama": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**SMALL)),
+    "llama-tied": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**SMALL, tie_word_embeddings=True)),
+    "gpt2": lambda: tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=32,
+                                                     bos_token_id=0, eos_token_id=0)),
+    "bert": lambda: tf.BertModel(tf.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                               intermediate_size=128, vocab_size=100)),
+    "t5": lambda: tf.T5ForConditionalGeneration(tf.T5Config(d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16,
+                                                            vocab_size=100)),
+    "mistral": lambda: tf.MistralForCausalLM(tf.MistralConfig(**SMALL)),
+    "mixtral-moe": lambda: tf.MixtralForCausalLM(tf.MixtralConfig(**SMALL, num_local_experts=4)),
+    "torch-layers": lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Embedding(10, 4, padding_idx=0),
+                                          nn.MultiheadAttention(8, 2), nn.LayerNorm(8), nn.GRU(4, 4)),
+}
+
+
+def recorded(build, device="cpu", dtype=None, seed=0):
+    torch.manual_seed(seed)
+    with torchinit.RecordContext(device, dtype):
+        return build()
+
+
+def tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers(remove_duplicate=False))}
+
+
+def assert_same(model: nn.Module, reference: nn.Module) -> None:
+    got, want = tensors(model), tensors(reference)
+    assert got.keys() == want.keys()
+    for name, value in want.items():
+        assert got[name].dtype == value.dtype and got[name].device == value.device, name
+        assert torch.equal(got[name], value), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", MODELS)
+def test_real_models_replay_bit_for_bit(name, dtype):
+    build = MODELS[name]
+    model = recorded(build, dtype=dtype)
+    assert all(t.device.type == "meta" for t in tensors(model).values()), "no memory before materialize"
+    ids, ties = {n: id(t) for n, t in tensors(model).items()}, torchinit.tie_groups(model)
+    with torchinit.nan_poison():
+        report = torchinit.materialize(model)
+    assert report.from_record and not report.from_init and not report.kept
+    assert_same(model, eager(build, dtype))
+    assert {n: id(t) for n, t in tensors(model).items()} == ids, "the same Parameter and buffer objects"
+    assert torchinit.tie_groups(model) == ties
+
+
+class Hard(nn.Module):
+    """Every construction pattern the issue names."""
+
+    def __init__(self, outside: torch.Tensor):
+        super().__init__()
+        self.trunc = nn.Parameter(torch.empty(6, 5))
+        nn.init.trunc_normal_(self.trunc, std=0.5)  # a data-dependent rejection loop
+        self.orthogonal = nn.Parameter(torch.empty(6, 5))
+        nn.init.orthogonal_(self.orthogonal)  # QR
+        self.xavier = nn.Parameter(torch.empty(6, 5))
+        nn.init.xavier_uniform_(self.xavier)
+        nn.init.xavier_normal_(self.xavier)
+        self.kaiming = nn.Parameter(torch.empty(6, 5))
+        nn.init.kaiming_normal_(self.kaiming)
+        with torch.no_grad():
+            self.kaiming[:, :2].zero_()  # in place, on a view
+        self.factory = nn.Parameter(torch.randn(4, 4) * 0.02)
+        self.factory.data = torch.randn(4, 4) + outside  # .data assignment; a real tensor from outside
+        self.register_buffer("from_numpy", torch.from_numpy(np.arange(5.0)), persistent=False)
+        self.register_buffer("literal", torch.tensor([1.0, 2.5, 3.25]), persistent=False)
+        n = int(torch.randint(3, 7, ()).item())  # .item() on a fresh random tensor
+        self.sized = nn.Parameter(torch.full((n,), torch.rand(3).tolist()[1]))  # .tolist()
+        self.linear = nn.Linear(3, 3)
+        nn.init.sparse_(self.linear.weight, 0.5)
+        self.plain = torch.randn(3)  # a plain attribute, not registered
+        from transformers import initialization  # keeps the nn.init functions it imported: recorded lower down
+
+        self.captured = nn.Parameter(torch.empty(5, 5))
+        initialization.trunc_normal_(self.captured, std=0.1)
+
+
+def test_hard_cases_replay_bit_for_bit():
+    outside = torch.randn(4, 4)
+    original = outside.clone()
+    model = recorded(lambda: Hard(outside), dtype=torch.float32)  # float64 buffers cast, as Module.to does
+    outside.add_(1)  # changing it later changes nothing: the record holds a copy
+    torchinit.materialize(model)
+    reference = eager(lambda: Hard(original), torch.float32)
+    assert_same(model, reference)
+    assert torch.equal(model.plain, reference.plain) and model.plain.device.type == "cpu"
+
+
+def test_replay_leaves_the_random_stream_alone():
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    with torchinit.RecordContext("cpu"):
+        model = nn.Linear(4, 4)
+    assert torch.equal(torch.get_rng_state(), before), "recording draws no random numbers"
+    torch.manual_seed(123)
+    user = torch.get_rng_state()
+    torchinit.materialize(model)
+    assert torch.equal(torch.get_rng_state(), user), "replay draws from the recorded state, then gives it back"
+    torch.manual_seed(0)
+    assert torch.equal(model.weight, nn.Linear(4, 4).weight)
+
+
+def test_explicit_generators_replay_from_their_recorded_state():
+    def build():
+        g = torch.Generator().manual_seed(5)
+        m = nn.Linear(4, 4)
+        nn.init.normal_(m.weight, generator=g)
+        m.bias.data = torch.randn(4, generator=g)
+        return m
+
+    model = recorded(build)
+    torchinit.materialize(model)
+    assert_same(model, eager(build, torch.float32))
+
+
+def test_partial_replay_then_the_rest():
+    build = MODELS["llama"]
+    model = recorded(build)
+    torchinit.materialize(model.model.layers[1])  # later in the record: what comes before is kept for later
+    torchinit.materialize(model)
+    assert_same(model, eager(build, torch.float32))
+    assert records_of(model) is None, "every value handed out: the record is released"
+
+
+def test_layer_replaced_before_setup():
+    build = lambda: nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4))  # noqa: E731
+    model = recorded(build)
+    model[1] = replacement = nn.Linear(4, 4)  # real, built outside the record: kept as it is
+    with torch.device("meta"):
+        model[2] = nn.Linear(4, 4)  # on meta, not recorded: its own init
+    before = replacement.weight.clone()
+    report = torchinit.materialize(model)
+    reference = eager(build, torch.float32)
+    assert torch.equal(model[0].weight, reference[0].weight) and torch.equal(model[0].bias, reference[0].bias)
+    assert torch.equal(model[1].weight, before)
+    assert report.from_init == ["2.weight", "2.bias"]
+
+
+def test_missing_keys_of_a_checkpoint_are_replayed(tmp_path):
+    from safetensors.torch import save_file
+
+    build = MODELS["llama"]
+    reference = eager(build, torch.float32)
+    save_file({"lm_head.weight": torch.ones(100, 64)}, tmp_path / "head.safetensors")
+    model = recorded(build)
+    report = torchinit.load_checkpoint(model, tmp_path / "head.safetensors", strict=False)
+    assert report.loaded == ["lm_head.weight"] and torch.equal(model.lm_head.weight, torch.ones(100, 64))
+    for name, value in tensors(reference).items():
+        if name != "lm_head.weight":
+            assert torch.equal(tensors(model)[name], value), name
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(5))
+        self.register_buffer("picked", torch.nonzero(self.weight > 0))
+
+
+def test_an_op_that_cannot_be_recorded_is_named_at_record_time():
+    default_device = torch.get_default_device()
+    with pytest.raises(torchinit.RecordError, match=r"aten\.nonzero.*DataDependent\.__init__"):
+        with torchinit.RecordContext("cpu"):
+            DataDependent()
+    assert torch.get_default_device() == default_device and torch.nn.init.normal_.__module__ == "torch.nn.init"
+    assert not _get_current_dispatch_mode_stack() and not _is_fake_mode_on()
+
+
+def _is_fake_mode_on() -> bool:
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
+
+
+def test_global_state_restored_at_exit_and_on_error():
+    originals = dict(vars(nn.init))
+    state = (torch.get_default_dtype(), torch.get_default_device(), len(_get_current_function_mode_stack()),
+             len(_get_current_dispatch_mode_stack()))
+    with pytest.raises(KeyError):
+        with torchinit.RecordContext("cpu"):
+            nn.Linear(2, 2)
+            raise KeyError("user error")
+    with torchinit.RecordContext("cpu", torch.bfloat16):
+        assert _is_fake_mode_on()
+    assert (torch.get_default_dtype(), torch.get_default_device(), len(_get_current_function_mode_stack()),
+            len(_get_current_dispatch_mode_stack())) == state
+    assert dict(vars(nn.init)) == originals and not _is_fake_mode_on()
+
+
+def test_record_contexts_do_not_nest():
+    with torchinit.InitContext("cpu", torch.float32), pytest.raises(ValueError, match="cannot be opened inside"):
+        with torchinit.RecordContext("cpu"):
+            pass
+
+
+def test_the_record_is_freed_with_its_model():
+    big = torch.ones(2**22)  # captured from outside: the record holds a 16 MiB copy
+
+    def build():
+        m = nn.Linear(4, 4)
+        m.register_buffer("table", big * 2)
+        return m
+
+    model = recorded(build)
+    record = records_of(model)
+    copy = weakref.ref(record.record.consts[0])
+    del model, record
+    gc.collect()
+    assert copy() is None and len(_RECORDS) == 0, "the record and its memory go with the model"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["llama", "gpt2", "t5"])
+def test_cuda_replay_equals_eager_on_cuda(name):
+    build = MODELS[name]
+    model = recorded(build, device="cuda", dtype=torch.bfloat16)
+    torchinit.materialize(model, "cuda")
+    assert_same(model, eager(build, torch.bfloat16, device="cuda"))
