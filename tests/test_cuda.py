@@ -71,3 +71,13 @@ def test_safetensors_into_a_cuda_meta_model_through_the_pinned_ring(file_dtype, 
     torchinit.load_checkpoint(got, tmp_path / "model.safetensors", device="cuda", dtype=torch.bfloat16)
     assert_bitwise_equal(got, want.to(torch.bfloat16))
 
+
+def test_materializing_on_cuda_grows_the_allocator_once():
+    with torch.device("meta"):
+        model = torch.nn.Sequential(*[torch.nn.Linear(2048, 2048, bias=False) for _ in range(8)])  # 16 MiB each
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()  # nothing cached that the tensors could reuse
+    segments, reserved = torch.cuda.memory_stats().get("segment.large_pool.allocated", 0), torch.cuda.memory_reserved()
+    torchinit.materialize(model, "cuda", check_values=False)
+    assert torch.cuda.memory_stats()["segment.large_pool.allocated"] - segments == 1  # one cudaMalloc, not eight
+    assert torch.cuda.memory_reserved() - reserved >= 8 * 2048 * 2048 * 4
