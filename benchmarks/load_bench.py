@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     floor_case = "floor-h2d" if device == "cuda" else "floor-memcpy"
     floor = results.get(floor_case)
     print()
-    print(f"{'case':<48}{'s':>8}{'GiB/s':>8}{'/ floor':>10}{'RSS +MiB':>10}   (floor: {CASES[floor_case]})")
+    print(f"{'case':<48}{'s':>8}{'GiB/s':>8}{'/ floor':>10}{'RSS +MiB':>10}   (floor: {floor_case})")
     for case, r in results.items():
         ratio = f"{r['gib_s'] / floor['gib_s']:.2f}x" if floor else "-"
         print(f"{CASES[case]:<48}{r['seconds']:>8.2f}{r['gib_s']:>8.2f}{ratio:>10}{r['rss_mib']:>10,.0f}")
