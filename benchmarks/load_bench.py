@@ -2,13 +2,14 @@
 `load_file`, `torch.load(mmap=True)`, transformers `from_pretrained`, accelerate `load_checkpoint_and_dispatch`
 (each when installed), torchinit into a meta and an empty-init model, and the floors (one memcpy of the bytes
 into fresh memory, which pays the first touch of every page as any load into a new model does; the file read
-straight into memory with preadv).
+straight into memory with preadv; on CUDA, one pinned host tensor copied to the device).
 
 Each case runs in its own process (RSS growth is that case's alone) and reports seconds, GiB/s of checkpoint
 bytes, and peak RSS growth.
 
     python benchmarks/load_bench.py --size 1b
     python benchmarks/load_bench.py --size 7b --device cuda
+    python benchmarks/load_bench.py --file-precision 32-true --cases floor-memcpy,torchinit-meta  # fp32 into bf16
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -33,6 +33,7 @@ MiB = 2**20
 CASES = {
     "floor-memcpy": "floor: one memcpy into fresh memory",
     "floor-pread": "floor: preadv of the file into memory",
+    "floor-h2d": "floor: pinned host -> device copy",
     "safetensors": "safetensors load_file + load_state_dict",
     "torch-mmap": "torch.load(mmap=True) + load_state_dict",
     "transformers": "transformers from_pretrained",
@@ -41,6 +42,7 @@ CASES = {
     "torchinit-empty": "torchinit load_checkpoint into an empty model",
 }
 NEEDS = {"transformers": "transformers", "accelerate": "accelerate"}
+CUDA_ONLY = {"floor-h2d"}
 
 
 def hf_config(size: str):
@@ -80,14 +82,20 @@ def _run(case: str, size: str, device: str, precision: str, folder: str) -> dict
     dtype, path = DTYPES[precision], Path(folder) / "model.safetensors"
     nbytes = path.stat().st_size
     prepared = None
+    if device == "cuda":
+        torch.empty(1, device=device)  # CUDA context start-up is no case's cost
     if case.startswith("torchinit") or case in ("safetensors", "torch-mmap"):
         prepared = _model(size, dtype, device, "meta" if case == "torchinit-meta" else "empty")
     if case == "floor-memcpy":  # the source resident, the destination fresh: as a load into a new model is
         prepared = torch.empty(nbytes, dtype=torch.uint8).fill_(1)
+    if case == "floor-h2d":  # the bytes already in pinned memory: what the PCIe link alone allows
+        prepared = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).fill_(1)
     base = psutil.Process().memory_info().rss
     start = time.perf_counter()
     if case == "floor-memcpy":
         torch.empty(nbytes, dtype=torch.uint8).copy_(prepared)
+    elif case == "floor-h2d":
+        prepared.to(device, non_blocking=True)
     elif case == "floor-pread":
         from torchinit.checkpoint.safetensors import Entry, read_into
 
@@ -117,28 +125,44 @@ def _run(case: str, size: str, device: str, precision: str, folder: str) -> dict
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _peak_rss()
     return {"seconds": seconds, "gib_s": nbytes / 2**30 / seconds, "rss_mib": max(0, peak - base) / MiB}
+
+
+def _peak_rss() -> int:
+    """This process's own peak RSS (Linux). Not ru_maxrss: a spawned child inherits its parent's peak there, and
+    the parent held the whole checkpoint while writing it."""
+    status = Path("/proc/self/status").read_text()
+    return next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM:"))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="1b", choices=SIZES)
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--precision", default="bf16-true", choices=list(DTYPES))
+    parser.add_argument("--precision", default="bf16-true", choices=list(DTYPES), help="the model's")
+    parser.add_argument("--file-precision", choices=list(DTYPES), help="the checkpoint's (default: the model's)")
+    parser.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of: " + ", ".join(CASES))
     args = parser.parse_args(argv)
-    device, dtype = resolve_device(args.device), DTYPES[args.precision]
+    device, file_precision = resolve_device(args.device), args.file_precision or args.precision
+    unknown = set(args.cases.split(",")) - set(CASES)
+    if unknown:
+        parser.error(f"unknown case(s): {', '.join(sorted(unknown))}")
+    cases = {case: CASES[case] for case in args.cases.split(",")}
     results, notes = {}, []
     with tempfile.TemporaryDirectory(prefix="torchinit-load-", dir=os.environ.get("TORCHINIT_BENCH_DIR")) as folder:
-        nbytes = write_checkpoint(args.size, dtype, Path(folder))
-        from safetensors.torch import load_file
+        nbytes = write_checkpoint(args.size, DTYPES[file_precision], Path(folder))
+        if "torch-mmap" in cases:
+            from safetensors.torch import load_file
 
-        torch.save(load_file(Path(folder) / "model.safetensors"), Path(folder) / "model.pt")
-        print(f"Llama {args.size} checkpoint: {nbytes / 2**30:.2f} GiB {args.precision}; {device}; "
-              f"{torch.get_num_threads()} threads", flush=True)
+            torch.save(load_file(Path(folder) / "model.safetensors"), Path(folder) / "model.pt")
+        print(f"Llama {args.size} checkpoint: {nbytes / 2**30:.2f} GiB {file_precision} into a {args.precision} "
+              f"model; {device}; {torch.get_num_threads()} threads", flush=True)
         for path in Path(folder).iterdir():  # warm the page cache
             path.read_bytes()
-        for case, label in CASES.items():
+        for case, label in cases.items():
+            if case in CUDA_ONLY and device != "cuda":
+                continue
             if case in NEEDS and importlib.util.find_spec(NEEDS[case]) is None:
                 notes.append(f"skipped {label}: {NEEDS[case]} is not installed")
                 continue
@@ -147,11 +171,12 @@ def main(argv: list[str] | None = None) -> int:
                 results[case] = run_isolated(_run, case, args.size, device, args.precision, folder)
             except Exception as error:
                 notes.append(f"FAILED {label}: {type(error).__name__}: {error}")
-    memcpy = results.get("floor-memcpy")
+    floor_case = "floor-h2d" if device == "cuda" else "floor-memcpy"
+    floor = results.get(floor_case)
     print()
-    print(f"{'case':<48}{'s':>8}{'GiB/s':>8}{'/ memcpy':>10}{'RSS +MiB':>10}")
+    print(f"{'case':<48}{'s':>8}{'GiB/s':>8}{'/ floor':>10}{'RSS +MiB':>10}   (floor: {floor_case})")
     for case, r in results.items():
-        ratio = f"{r['gib_s'] / memcpy['gib_s']:.2f}x" if memcpy else "-"
+        ratio = f"{r['gib_s'] / floor['gib_s']:.2f}x" if floor else "-"
         print(f"{CASES[case]:<48}{r['seconds']:>8.2f}{r['gib_s']:>8.2f}{ratio:>10}{r['rss_mib']:>10,.0f}")
     for note in notes:
         print(note)

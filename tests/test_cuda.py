@@ -55,3 +55,29 @@ def test_preflight_on_cuda():
     with pytest.raises(torchinit.InsufficientMemoryError, match="larger than the whole device"):
         torchinit.materialize(model, "cuda")
     assert model.weight.device.type == "meta"
+
+
+@pytest.mark.parametrize("file_dtype", [torch.bfloat16, torch.float32], ids=["same-dtype", "cast"])
+def test_safetensors_into_a_cuda_meta_model_through_the_pinned_ring(file_dtype, monkeypatch, tmp_path):
+    from safetensors.torch import save_file
+
+    from torchinit.checkpoint import safetensors as reader
+
+    monkeypatch.setattr(reader, "SLOT", 2**14)  # many batches: every slot is reused, each after its event
+    want = eager(MODELS["llama"], file_dtype, device="cuda")
+    save_file({k: v.cpu() for k, v in want.state_dict().items()}, tmp_path / "model.safetensors")
+    with torchinit.nan_poison(), torchinit.InitContext("cuda", torch.bfloat16, meta=True):
+        got = MODELS["llama"]()
+    torchinit.load_checkpoint(got, tmp_path / "model.safetensors", device="cuda", dtype=torch.bfloat16)
+    assert_bitwise_equal(got, want.to(torch.bfloat16))
+
+
+def test_materializing_on_cuda_grows_the_allocator_once():
+    with torch.device("meta"):
+        model = torch.nn.Sequential(*[torch.nn.Linear(2048, 2048, bias=False) for _ in range(8)])  # 16 MiB each
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()  # nothing cached that the tensors could reuse
+    segments, reserved = torch.cuda.memory_stats().get("segment.large_pool.allocated", 0), torch.cuda.memory_reserved()
+    torchinit.materialize(model, "cuda", check_values=False)
+    assert torch.cuda.memory_stats()["segment.large_pool.allocated"] - segments == 1  # one cudaMalloc, not eight
+    assert torch.cuda.memory_reserved() - reserved >= 8 * 2048 * 2048 * 4
