@@ -109,6 +109,7 @@ class _OpRecorder(TorchDispatchMode):
         self.storage_of_node: list[int] = []  # node -> storage key when made
         self.first_node: dict[int, int] = {}  # storage key -> first node made on it
         self.const_of: dict[int, int] = {}
+        self.touched: set[int] = set()  # memory referenced by the op being encoded
         self.paused = False
 
     @classmethod
@@ -128,16 +129,23 @@ class _OpRecorder(TorchDispatchMode):
         return Alias(base, tuple(t.shape), tuple(t.stride()), t.storage_offset(), t.dtype)
 
     def encode(self, tree: Any) -> Any:
-        def one(x):
-            if isinstance(x, FakeTensor):
-                return self.ref(x)
-            if isinstance(x, torch.Tensor):
-                return self.constant(x)
-            if isinstance(x, torch.Generator):
-                return self.generator(x)
-            return x
+        """Fake tensors -> references (their memory noted in `touched`), real tensors -> constants."""
+        if isinstance(tree, tuple) and not any(isinstance(x, (list, tuple, dict)) for x in tree):
+            return tuple(map(self._encode_one, tree))  # the common cases, without pytree's cost
+        if isinstance(tree, dict) and not any(isinstance(x, (list, tuple, dict)) for x in tree.values()):
+            return {k: self._encode_one(v) for k, v in tree.items()}
+        return pytree.tree_map(self._encode_one, tree)
 
-        return pytree.tree_map(one, tree)
+    def _encode_one(self, x: Any) -> Any:
+        if isinstance(x, FakeTensor):
+            ref = self.ref(x)
+            self.touched.add(self.record.memory_of[ref.node])
+            return ref
+        if isinstance(x, torch.Tensor):
+            return self.constant(x)
+        if isinstance(x, torch.Generator):
+            return self.generator(x)
+        return x
 
     def constant(self, t: torch.Tensor) -> Const:
         index = self.const_of.get(id(t))
@@ -176,9 +184,9 @@ class _OpRecorder(TorchDispatchMode):
         return tuple(nodes)
 
     def add(self, func: Callable, args: tuple, kwargs: dict, out: Any) -> None:
+        """Append an op whose arguments were just encoded (so `touched` holds the memory they reference)."""
         outs = self.bind(out)
-        memory = {self.record.memory_of[ref.node] for ref in pytree.tree_leaves((args, kwargs))
-                  if isinstance(ref, (Ref, Alias))}
+        memory, self.touched = self.touched, set()
         memory.update(self.record.memory_of[n] for n in outs if n is not None)
         self.record.ops.append(Op(func, args, kwargs, outs, tuple(sorted(memory))))
 
@@ -189,6 +197,7 @@ class _OpRecorder(TorchDispatchMode):
             return func(*args, **kwargs)
         if func is torch.ops.aten._local_scalar_dense.default:
             return self.scalar(args[0])
+        self.touched = set()
         enc_args, enc_kwargs = self.encode(args), self.encode(kwargs)
         try:
             out = func(*args, **kwargs)
@@ -211,6 +220,7 @@ class _OpRecorder(TorchDispatchMode):
             return evaluate(self.record, self.ref(t)).item()
 
     def record_call(self, fn: Callable, tensor: torch.Tensor, args: tuple, kwargs: dict) -> None:
+        self.touched = set()
         self.add(fn, self.encode((tensor, *args)), self.encode(kwargs), None)
 
 
@@ -247,9 +257,10 @@ def _record_init_functions() -> Iterator[None]:
             if recorder is None or recorder.paused or not isinstance(tensor, FakeTensor):
                 return fn(tensor, *args, **kwargs)
             recorder.paused = True
-            try:  # validation only: the functions return early on meta tensors
-                fn(torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device="meta"), *args,
-                   **kwargs)
+            try:  # validation only, on a plain meta tensor (the functions return early on meta)
+                with unset_fake_temporarily():
+                    fn(torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device="meta"), *args,
+                       **kwargs)
             finally:
                 recorder.paused = False
             recorder.record_call(fn, tensor, args, kwargs)
