@@ -79,6 +79,7 @@ class Op:
     kwargs: dict
     outs: tuple[int | None, ...]  # node ids of the tensor leaves of the result (None: not a new tensor)
     memory: tuple[int, ...]  # the memory (first node of each storage) this op touches
+    overwrites: int | None = None  # memory this op writes in full without reading it (its old value is dead)
 
 
 @dataclass
@@ -92,6 +93,8 @@ class Record:
     generators: list[torch.Generator] = field(default_factory=list)
     rng: dict[int, torch.Tensor] = field(default_factory=dict)  # generator index -> state at record start
     memory_of: dict[int, int] = field(default_factory=dict)  # node -> the first node of its storage
+    layout: list[tuple] = field(default_factory=list)  # node -> (size, stride, storage offset, dtype)
+    whole: set[int] = field(default_factory=set)  # memory whose first node spans its whole storage
 
 
 # ---- 2. the recorder ---------------------------------------------------------------------------------------
@@ -179,16 +182,30 @@ class _OpRecorder(TorchDispatchMode):
             self.storage_of_node.append(key)
             self.node_of[id(leaf)] = node
             self.record.memory_of[node] = self.first_node.setdefault(key, node)
+            self.record.layout.append((tuple(leaf.shape), tuple(leaf.stride()), leaf.storage_offset(), leaf.dtype))
+            if self.record.memory_of[node] == node and _spans_storage(leaf):
+                self.record.whole.add(node)
             self.keep.append(leaf)
             nodes.append(node)
         return tuple(nodes)
 
-    def add(self, func: Callable, args: tuple, kwargs: dict, out: Any) -> None:
+    def add(self, func: Callable, args: tuple, kwargs: dict, out: Any, overwritten: int | None = None) -> None:
         """Append an op whose arguments were just encoded (so `touched` holds the memory they reference)."""
         outs = self.bind(out)
         memory, self.touched = self.touched, set()
         memory.update(self.record.memory_of[n] for n in outs if n is not None)
-        self.record.ops.append(Op(func, args, kwargs, outs, tuple(sorted(memory))))
+        self.record.ops.append(Op(func, args, kwargs, outs, tuple(sorted(memory)), overwritten))
+
+    def overwritten(self, args: tuple) -> int | None:
+        """The memory an overwriting op fills in full: its first argument spans its storage and no other
+        argument reads that storage."""
+        first = args[0] if args else None
+        if not isinstance(first, FakeTensor) or not _spans_storage(first):
+            return None
+        key = _storage_key(first)
+        if any(isinstance(x, FakeTensor) and _storage_key(x) == key for x in pytree.tree_leaves(args[1:])):
+            return None
+        return self.first_node.get(key)
 
     # -- dispatch
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -197,6 +214,7 @@ class _OpRecorder(TorchDispatchMode):
             return func(*args, **kwargs)
         if func is torch.ops.aten._local_scalar_dense.default:
             return self.scalar(args[0])
+        overwritten = self.overwritten(args) if func in _OVERWRITERS else None
         self.touched = set()
         enc_args, enc_kwargs = self.encode(args), self.encode(kwargs)
         try:
@@ -206,7 +224,7 @@ class _OpRecorder(TorchDispatchMode):
                 f"Cannot record {func} in {_where()}: {type(exc).__name__}: {exc}. Build this module outside the "
                 "record (fabric.init_module(empty_init=True) and a checkpoint, or torchinit.InitContext)."
             ) from exc
-        self.add(func, enc_args, enc_kwargs, out)
+        self.add(func, enc_args, enc_kwargs, out, overwritten)
         return out
 
     def scalar(self, t: torch.Tensor) -> Any:
@@ -220,8 +238,10 @@ class _OpRecorder(TorchDispatchMode):
             return evaluate(self.record, self.ref(t)).item()
 
     def record_call(self, fn: Callable, tensor: torch.Tensor, args: tuple, kwargs: dict) -> None:
+        """One `torch.nn.init` call: each of them writes every element of its tensor."""
+        overwritten = self.overwritten((tensor, *args))
         self.touched = set()
-        self.add(fn, self.encode((tensor, *args)), self.encode(kwargs), None)
+        self.add(fn, self.encode((tensor, *args)), self.encode(kwargs), None, overwritten)
 
 
 _RECORDING: list[_OpRecorder] = []
@@ -229,6 +249,19 @@ _RECORDING: list[_OpRecorder] = []
 
 def _storage_key(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
+
+
+def _spans_storage(t: torch.Tensor) -> bool:
+    return t.storage_offset() == 0 and t.is_contiguous() and t.numel() * t.element_size() == \
+        t.untyped_storage().nbytes()
+
+
+_aten = torch.ops.aten
+# In-place ops that write every element of their first argument without reading it.
+_OVERWRITERS = {_aten.normal_.default, _aten.uniform_.default, _aten.fill_.Scalar, _aten.fill_.Tensor,
+                _aten.zero_.default, _aten.random_.default, getattr(_aten.random_, "from"), _aten.random_.to,
+                _aten.exponential_.default, _aten.bernoulli_.float, _aten.log_normal_.default,
+                _aten.cauchy_.default, _aten.geometric_.default, _aten.copy_.default}
 
 
 def _where() -> str:

@@ -24,7 +24,13 @@ from torchinit.init.record import Alias, Const, Gen, Record, Ref
 
 
 class _Replayer:
-    """Runs a record's ops, in order, from a cursor; keeps the real tensor of each node still needed."""
+    """Runs a record's ops, in order, from a cursor; holds the real tensor of each node while it is needed.
+
+    Memory lives only while its value can still be read: after the last op touching it (its value is then
+    finished), or when the next op touching it overwrites it in full (an init that a later init replaces:
+    `Linear.reset_parameters` before transformers' `_init_weights`), it is freed, and allocated again, empty,
+    for the overwriting op. So a replay holds about one full tensor at a time, plus the live temporaries.
+    """
 
     def __init__(self, record: Record, keep_all: bool = False):
         self.record, self.keep_all = record, keep_all
@@ -32,16 +38,53 @@ class _Replayer:
         self.env: dict[int, torch.Tensor] = {}
         self.consts: dict[int, torch.Tensor] = {}
         self.rng = {i: state.clone() for i, state in record.rng.items()}
-        self.last_use = _last_use(record)
         self.nodes_of_memory: dict[int, list[int]] = {}
+        self.finish_at: dict[int, int] = {}  # memory -> the last op touching it
+        self.dead_after: dict[int, list[int]] = {}  # op -> memory whose value no later op reads
+        self.freed: set[int] = set()  # memory freed while dead, to allocate again for its overwrite
+        self.live: dict[int, int] = {}  # memory -> bytes, while held
+        self.held = self.peak = 0  # bytes held now, and at most (targets and constants not counted)
+        touches: dict[int, list[int]] = {}
+        for i, op in enumerate(record.ops):
+            for memory in op.memory:
+                touches.setdefault(memory, []).append(i)
+        for memory, ops in touches.items():
+            self.finish_at[memory] = ops[-1]
+            if memory in record.whole:
+                for i, following in zip(ops, ops[1:], strict=False):
+                    if record.ops[following].overwrites == memory:
+                        self.dead_after.setdefault(i, []).append(memory)
 
     def value(self, ref: Ref | Alias) -> torch.Tensor:
         if isinstance(ref, Ref):
-            return self.env[ref.node]
-        base = self.env[ref.node]
-        if base.dtype != ref.dtype:
-            base = base.view(ref.dtype)
-        return base.as_strided(ref.size, ref.stride, ref.offset)
+            found = self.env.get(ref.node)
+            if found is not None:
+                return found
+            size, stride, offset, dtype = self.record.layout[ref.node]  # a view of memory allocated again
+            view = self._view(self.record.memory_of[ref.node], size, stride, offset, dtype)
+            self._keep(ref.node, view)
+            return view
+        return self._view(ref.node, ref.size, ref.stride, ref.offset, ref.dtype)
+
+    def _view(self, memory: int, size, stride, offset, dtype) -> torch.Tensor:
+        base = self.env[memory]
+        if base.dtype != dtype:
+            base = base.view(dtype)
+        return base.as_strided(size, stride, offset)
+
+    def _keep(self, node: int, tensor: torch.Tensor) -> None:
+        memory = self.record.memory_of[node]
+        self.env[node] = tensor
+        self.nodes_of_memory.setdefault(memory, []).append(node)
+        if memory not in self.live:
+            self.live[memory] = tensor.untyped_storage().nbytes()
+            self.held += self.live[memory]
+            self.peak = max(self.peak, self.held)
+
+    def _free(self, memory: int) -> None:
+        for node in self.nodes_of_memory.pop(memory, ()):
+            self.env.pop(node, None)
+        self.held -= self.live.pop(memory, 0)
 
     def decode(self, tree):
         def one(x):
@@ -58,25 +101,30 @@ class _Replayer:
         return pytree.tree_map(one, tree)
 
     def run(self, stop: int, finished) -> None:
-        """Run ops up to `stop`; after each, `finished(memory)` for memory no later op touches, then free it."""
-        ops = self.record.ops
-        with self._generators(), _default_dtype(self.record.default_dtype), torch.no_grad():
+        """Run ops up to `stop`; `finished(memory)` once no later op touches it (then it is freed)."""
+        ops, record = self.record.ops, self.record
+        with self._generators(), _default_dtype(record.default_dtype), torch.no_grad():
             while self.cursor < stop:
                 i, op = self.cursor, ops[self.cursor]
+                if op.overwrites in self.freed:  # its old value was dead: fresh memory to overwrite
+                    self.freed.discard(op.overwrites)
+                    size, stride, _, dtype = record.layout[op.overwrites]
+                    self._keep(op.overwrites, torch.empty_strided(size, stride, dtype=dtype, device=record.device))
                 out = op.func(*self.decode(op.args), **self.decode(op.kwargs))
                 leaves = [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
                 for node, leaf in zip(op.outs, leaves, strict=False):
                     if node is not None:
-                        self.env[node] = leaf
-                        self.nodes_of_memory.setdefault(self.record.memory_of[node], []).append(node)
+                        self._keep(node, leaf)
                 self.cursor += 1
                 if self.keep_all:
                     continue
                 for memory in op.memory:
-                    if self.last_use[memory] == i:
+                    if self.finish_at[memory] == i:
                         finished(memory)
-                        for node in self.nodes_of_memory.pop(memory, ()):
-                            self.env.pop(node, None)
+                        self._free(memory)
+                for memory in self.dead_after.get(i, ()):
+                    self._free(memory)
+                    self.freed.add(memory)
 
     @contextmanager
     def _generators(self):
@@ -90,14 +138,6 @@ class _Replayer:
             for i in self.rng:
                 self.rng[i] = generators[i].get_state()
                 generators[i].set_state(saved[i])
-
-
-def _last_use(record: Record) -> dict[int, int]:
-    last: dict[int, int] = {}
-    for i, op in enumerate(record.ops):
-        for memory in op.memory:
-            last[memory] = i
-    return last
 
 
 @contextmanager
@@ -127,6 +167,7 @@ class Recording:
         self.loose = loose  # id(placeholder) -> (module, attribute): plain tensor attributes, set when replayed
         self.cache: dict[int, torch.Tensor] = {}  # finished values of targets not asked for yet
         self._replayer: _Replayer | None = None
+        self.peak_bytes = 0  # the most memory a replay held besides the targets (a diagnostic)
 
     @property
     def alive(self) -> bool:
@@ -172,8 +213,9 @@ class Recording:
         if last:
             stop = len(self.record.ops)
         else:
-            stop = 1 + max(replayer.last_use[self.record.memory_of[self.targets[k][1].node]] for k in wanted)
+            stop = 1 + max(replayer.finish_at[self.record.memory_of[self.targets[k][1].node]] for k in wanted)
         replayer.run(stop, finished)
+        self.peak_bytes = max(self.peak_bytes, replayer.peak)
         if not self.targets:  # every value handed out: free the record's memory
             self._replayer = None
             self.cache.clear()
