@@ -236,15 +236,20 @@ def test_fabric_load_raw_into_an_empty_model_and_an_optimizer(tmp_path):
     assert optimizer.param_groups[0]["lr"] == 0.25
 
 
-def test_sharded_checkpoint_files_are_not_available_yet(tmp_path):
+def test_sharded_strategies_load_only_their_own_folders(tmp_path):
+    """The round trips run with real processes (test_sharded_checkpoint.py); the checks before them need none."""
     path = write("pt", {"weight": torch.ones(1, 2), "bias": torch.ones(1)}, tmp_path)
-    with pytest.raises(NotImplementedError, match="deepspeed"):
-        torchinit.Fabric(accelerator="cpu", strategy="deepspeed_stage_3").load_raw(path, nn.Linear(2, 1))
-    fabric = torchinit.Fabric(accelerator="cpu", strategy="fsdp")
-    with pytest.raises(NotImplementedError, match="fsdp"):
-        fabric.save(tmp_path / "x.pt", {"model": nn.Linear(2, 1)})
-    with pytest.raises(NotImplementedError, match="fsdp"):
-        fabric.load(path, {"model": nn.Linear(2, 1)})
+    fsdp = torchinit.Fabric(accelerator="cpu", strategy="fsdp")
+    with pytest.raises(ValueError, match=r"strategy='fsdp' reads shards.*state=\{'model': model"):
+        fsdp.load(path)
+    with pytest.raises(torchinit.CheckpointError, match=r"model\.pt: not a folder that fabric\.save wrote under FSDP"
+                                                         r".*fabric\.load_raw\(path, model\)"):
+        fsdp.load(path, {"model": nn.Linear(2, 1)})
+    deepspeed = torchinit.Fabric(accelerator="cpu", strategy="deepspeed_stage_3")
+    with pytest.raises(RuntimeError, match="engine, which does not exist yet"):
+        deepspeed.save(tmp_path / "state", {"model": nn.Linear(2, 1)})
+    with pytest.raises(TypeError, match="module or a torch optimizer"):
+        deepspeed.load_raw(path, object())
 
 
 def test_dcp_folders_pick_their_state_like_pickles_and_name_what_is_wrong(tmp_path, capsys):
