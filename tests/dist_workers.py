@@ -284,7 +284,7 @@ def fsdp_checkpoint(fabric, folder):
     report = fabric.load_raw(path, raw)  # the DCP folder as a plain checkpoint: the model entry only
 
     # atomicity: a write failing on rank 1 leaves the old folder as it was and no new one
-    before = _folder_bytes(path)
+    before, original = _folder_bytes(path), FileSystemWriter.write_data
     if fabric.global_rank == 1:
         def broken(self, plan, planner):
             raise OSError("disk full (test)")
@@ -295,6 +295,7 @@ def fsdp_checkpoint(fabric, folder):
         "value": lambda: fabric.save(folder / "bad", {"model": model, "bad": Unpicklable()}),
     })
     fabric.barrier()
+    FileSystemWriter.write_data = original
     intact = _folder_bytes(path) == before
     leftovers = sorted(p.name for p in folder.iterdir())
 
@@ -311,12 +312,18 @@ def fsdp_checkpoint(fabric, folder):
     })
     errors["untouched"] = all(torch.equal(v, untouched[k]) for k, v in _full(other).items())
     fabric.load(path, {"model": other, "epoch": 0}, strict=False)  # absent entries skipped
+    strict_false = _full(other)
+
+    fabric.save(folder / "twice", {"model": other})
+    fabric.save(folder / "twice", {"model": model, "step": 2})  # replaces the folder
+    fabric.load_raw(folder / "twice", other)
     return {
         "saved": saved, "loaded": loaded, "moments": moments, "loaded_moments": loaded_moments,
         "continued": continued, "again": again, "values": (state["step"], state["info"]), "extra": extra,
         "raw": _full(raw), "raw_bytes": gathered(fabric, report.bytes), "failures": gathered(fabric, failures),
         "intact": intact,
-        "leftovers": leftovers, "errors": errors, "strict_false": _full(other),
+        "leftovers": leftovers, "errors": errors, "strict_false": strict_false, "replaced": _full(other),
+        "after_replace": sorted(p.name for p in folder.iterdir()),
     }
 
 
@@ -419,6 +426,6 @@ def fsdp_reload(fabric, path):
     """Load a folder saved by another world size into a fresh model and optimizer."""
     model, optimizer = _fsdp_llama(fabric, 7)
     state = {"model": model, "optimizer": optimizer, "step": 0}
-    fabric.load(path, state, strict=False)  # the folder also holds "info"
+    extra = fabric.load(path, state, strict=False)  # the folder also holds "info"
     moments = {name: optimizer.state[p]["exp_avg"].full_tensor() for name, p in model.named_parameters()}
-    return {"loaded": _full(model), "moments": moments, "step": state["step"]}
+    return {"loaded": _full(model), "moments": moments, "step": state["step"], "extra": extra}

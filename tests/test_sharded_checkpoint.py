@@ -56,7 +56,7 @@ def test_fsdp_folder_loads_into_another_world_size(fsdp):
     result = fabric.launch(fsdp_reload, str(fsdp["folder"] / "ckpt"))
     assert_same(result["loaded"], fsdp["saved"])
     assert_same(result["moments"], fsdp["moments"])
-    assert result["step"] == 1
+    assert result["step"] == 1 and result["extra"] == {"info": {"lr": 1e-2}}, "what the state lacks comes back"
 
 
 def test_fsdp_save_is_atomic(fsdp):
@@ -68,6 +68,8 @@ def test_fsdp_save_is_atomic(fsdp):
     assert "failed on rank 0 (RuntimeError: cannot pickle this); nothing was written there" in rank1["value"]
     assert fsdp["intact"], "the earlier checkpoint is byte for byte as it was"
     assert fsdp["leftovers"] == ["ckpt"], "no new folder, no temporary left behind"
+    assert_same(fsdp["replaced"], fsdp["continued"])  # a later save replaced the folder
+    assert fsdp["after_replace"] == ["ckpt", "plain", "twice"], "the old folder was deleted"
 
 
 def test_fsdp_load_errors_name_the_problem_and_change_nothing(fsdp):

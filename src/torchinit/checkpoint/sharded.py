@@ -37,7 +37,7 @@ VALUES = "values.pt"
 TAG = "state"  # DeepSpeed's sub-folder name for the one checkpoint a folder holds
 
 
-def split(state: dict[str, Any]) -> tuple[dict[str, nn.Module], dict[str, Any], dict[str, Any]]:
+def _split(state: dict[str, Any]) -> tuple[dict[str, nn.Module], dict[str, Any], dict[str, Any]]:
     """Modules (a Fabric wrapper as its original module), optimizers and plain values, by key."""
     modules, optimizers, values = {}, {}, {}
     for key, obj in state.items():
@@ -58,7 +58,7 @@ def save_fsdp(path: str | os.PathLike, state: dict[str, Any]) -> None:
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    modules, optimizers, values = split(state)
+    modules, optimizers, values = _split(state)
     tensors: dict[str, Any] = {name: get_model_state_dict(module) for name, module in modules.items()}
     for name, optimizer in optimizers.items():
         tensors[name] = get_optimizer_state_dict(_owner(path, name, optimizer, modules), optimizer)
@@ -69,7 +69,7 @@ def save_fsdp(path: str | os.PathLike, state: dict[str, Any]) -> None:
         except CheckpointException as error:  # a BaseException: it would pass through `except Exception`
             raise RuntimeError(f"writing the shards failed: {dcp_failures(error)}") from None
 
-    save_folder(Path(path), write, values, state)
+    _save_folder(Path(path), write, values, state)
 
 
 def load_fsdp(path: str | os.PathLike, state: dict[str, Any], strict: bool, device: torch.device,
@@ -87,11 +87,11 @@ def load_fsdp(path: str | os.PathLike, state: dict[str, Any], strict: bool, devi
     paths = dcp_paths(dcp_metadata(path))
     values, kinds = _read_values(path)
     held = set(kinds) or {p[0] for p in paths.values()}
-    modules, optimizers, _ = split(_present(path, state, held, strict))
+    modules, optimizers, _ = _split(_present(path, state, held, strict))
     checkpoints = {name: open_checkpoint(path, select=name) for name in modules}
     for name, module in modules.items():
         match(module, checkpoints[name], strict=strict)
-    owners = {name: _owner(path, name, opt, split(state)[0]) for name, opt in optimizers.items()}  # also unloaded
+    owners = {name: _owner(path, name, opt, _split(state)[0]) for name, opt in optimizers.items()}  # also unloaded
     for name, optimizer in optimizers.items():
         _check_optimizer(path, name, optimizer, owners[name], paths)
     for name, module in modules.items():
@@ -133,9 +133,9 @@ def _check_optimizer(path: Path, name: str, optimizer: torch.optim.Optimizer, ow
 # ---- DeepSpeed: the engine's checkpoint ---------------------------------------------------------------
 def save_deepspeed(path: str | os.PathLike, state: dict[str, Any], engine: ds.Engine | None) -> None:
     """The engine writes its module and optimizer (each rank its partitions); rank 0 the plain values."""
-    _, _, values = split(state)
+    _, _, values = _split(state)
     deepspeed_engine = _engine_for(path, state, engine, "save")
-    save_folder(Path(path), lambda folder: deepspeed_engine.save_checkpoint(str(folder), tag=TAG), values, state)
+    _save_folder(Path(path), lambda folder: deepspeed_engine.save_checkpoint(str(folder), tag=TAG), values, state)
 
 
 def load_deepspeed(path: str | os.PathLike, state: dict[str, Any], strict: bool,
@@ -148,9 +148,9 @@ def load_deepspeed(path: str | os.PathLike, state: dict[str, Any], strict: bool,
         raise CheckpointError(f"{path}: not a folder that fabric.save wrote under DeepSpeed (no 'latest' file "
                               f"naming its checkpoint){_hint(path)}")
     values, kinds = _read_values(path)
-    modules, optimizers, _ = split(state)
+    modules, optimizers, _ = _split(state)
     held = set(kinds) or {*modules, *optimizers}  # a folder DeepSpeed wrote alone holds the engine's two
-    modules, optimizers, _ = split(_present(path, state, held, strict))
+    modules, optimizers, _ = _split(_present(path, state, held, strict))
     _check_deepspeed_folder(path, next(iter(modules.values()), None), engine.options.stage, strict)
     loaded, _ = deepspeed_engine.load_checkpoint(str(path), load_module_strict=strict,
                                                  load_optimizer_states=bool(optimizers),
@@ -166,7 +166,7 @@ def _engine_for(path: str | os.PathLike, state: dict[str, Any], engine: ds.Engin
     if engine is None or engine.engine is None:
         raise RuntimeError(f"fabric.{what} under DeepSpeed goes through its engine, which does not exist yet: call "
                            "fabric.setup(model, optimizer) (or setup_optimizers) first.")
-    modules, optimizers, _ = split(state)
+    modules, optimizers, _ = _split(state)
     others = [k for k, m in modules.items() if m is not engine.module]
     others += [k for k, o in optimizers.items() if not isinstance(o, ds.EngineOptimizer) or o._engine is not engine]
     if others or len(modules) > 1:
@@ -232,7 +232,7 @@ def _hint(path: Path) -> str:
     return ". For a model's weights from a plain checkpoint use fabric.load_raw(path, model)."
 
 
-def save_folder(path: Path, write: Callable[[Path], None], values: dict[str, Any], state: dict[str, Any]) -> None:
+def _save_folder(path: Path, write: Callable[[Path], None], values: dict[str, Any], state: dict[str, Any]) -> None:
     """Every rank calls `write(temporary folder)`; then rank 0 adds `values.pt` and swaps the folder into `path`.
     Every step ends with all ranks agreeing that it worked, so a failure anywhere is raised everywhere."""
     rank = dist.get_rank() if dist.is_initialized() else 0

@@ -19,6 +19,7 @@ import contextlib
 import os
 import warnings
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -29,6 +30,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 from torchinit.init.construct import _aliased_result, _written_args
 from torchinit.materialize.materialize import _init_for, _post_order
 from torchinit.plan import DeepSpeedStrategy, Plan
+
+if TYPE_CHECKING:
+    from torchinit.checkpoint.formats import Checkpoint
 
 
 def _deepspeed():
@@ -183,7 +187,7 @@ def _partition_range(param: nn.Parameter) -> tuple[int, int]:
     return start, min(start + size, param.ds_numel)
 
 
-def load_partitions(module: nn.Module, checkpoint) -> int:
+def load_partitions(module: nn.Module, checkpoint: Checkpoint) -> int:
     """Copy this rank's slice of each checkpoint value (keyed by the module's state-dict names) into the ZeRO-3
     partitions; buffers, which ZeRO-3 does not partition, whole. No gather, no broadcast: each rank reads
     only its own elements. Returns the bytes read.
