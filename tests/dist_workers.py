@@ -231,3 +231,215 @@ def deepspeed_errors(fabric):
     model, optimizer = fabric.setup(module, torch.optim.SGD(module.parameters(), 0.1))
     catch("closure", lambda: optimizer.step(closure=lambda: 0.0))
     return errors
+
+
+def _full(model) -> dict:
+    return {name: p.full_tensor().detach().clone() for name, p in model.named_parameters()}
+
+
+def _train_step(fabric, model, optimizer, seed):
+    ids = torch.randint(0, 96, (2, 5), generator=torch.Generator().manual_seed(seed))
+    fabric.backward(model(ids).float().pow(2).mean())
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def _fsdp_llama(fabric, seed):
+    torch.manual_seed(seed)
+    with fabric.init_module():
+        module = tiny_llama()
+    model = fabric.setup(module)
+    return model, fabric.setup_optimizers(torch.optim.AdamW(model.parameters(), lr=1e-2))
+
+
+def _errors(cases: dict) -> dict:
+    """Run each case; its error as 'Type: message' (every rank runs the same cases, so collectives match)."""
+    out = {}
+    for name, fn in cases.items():
+        try:
+            fn()
+            out[name] = None
+        except Exception as error:  # noqa: BLE001 - the test asserts on the type and message
+            out[name] = f"{type(error).__name__}: {error}"
+    return out
+
+
+def _folder_bytes(path) -> dict:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def fsdp_checkpoint(fabric, folder):
+    """FSDP save -> load into a fresh model and optimizer -> same values and the same next step; atomic saves;
+    error paths. Rank 0's view comes back (the test compares the folder with a single-process load)."""
+    from pathlib import Path
+
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    folder = Path(folder)
+    path = folder / "ckpt"
+    model, optimizer = _fsdp_llama(fabric, 0)
+    _train_step(fabric, model, optimizer, 1)
+    fabric.save(path, {"model": model, "optimizer": optimizer, "step": 1, "info": {"lr": 1e-2}})
+    saved = _full(model)
+    moments = {name: optimizer.state[p]["exp_avg"].full_tensor().clone() for name, p in model.named_parameters()}
+    _train_step(fabric, model, optimizer, 2)
+    continued = _full(model)
+
+    fresh, fresh_opt = _fsdp_llama(fabric, 7)  # other values, no optimizer state yet
+    state = {"model": fresh, "optimizer": fresh_opt, "step": 0, "info": None}
+    extra = fabric.load(path, state)
+    loaded = _full(fresh)
+    loaded_moments = {name: fresh_opt.state[p]["exp_avg"].full_tensor().clone()
+                      for name, p in fresh.named_parameters()}
+    _train_step(fabric, fresh, fresh_opt, 2)
+    again = _full(fresh)
+
+    raw, _ = _fsdp_llama(fabric, 8)
+    report = fabric.load_raw(path, raw)  # the DCP folder as a plain checkpoint: the model entry only
+
+    # atomicity: a write failing on rank 1 leaves the old folder as it was and no new one
+    before, original = _folder_bytes(path), FileSystemWriter.write_data
+    if fabric.global_rank == 1:
+        def broken(self, plan, planner):
+            raise OSError("disk full (test)")
+        FileSystemWriter.write_data = broken
+    failures = _errors({
+        "over": lambda: fabric.save(path, {"model": model, "optimizer": optimizer}),
+        "new": lambda: fabric.save(folder / "new", {"model": model}),
+        "value": lambda: fabric.save(folder / "bad", {"model": model, "bad": Unpicklable()}),
+    })
+    fabric.barrier()
+    FileSystemWriter.write_data = original
+    intact = _folder_bytes(path) == before
+    leftovers = sorted(p.name for p in folder.iterdir())
+
+    other, other_opt = _fsdp_llama(fabric, 9)
+    untouched = _full(other)
+    sub_opt = torch.optim.AdamW([next(other.parameters())], lr=1e-2)
+    (folder / "plain").mkdir(exist_ok=True)
+    errors = _errors({
+        "absent": lambda: fabric.load(path, {"model": other, "epoch": 0}),
+        "keys": lambda: fabric.load(path, {"model": nn.Linear(2, 2)}),
+        "optimizer": lambda: fabric.load(path, {"model": other, "optimizer": sub_opt}),
+        "folder": lambda: fabric.load(folder / "plain", {"model": other}),
+        "no state": lambda: fabric.load(path),
+    })
+    errors["untouched"] = all(torch.equal(v, untouched[k]) for k, v in _full(other).items())
+    fabric.load(path, {"model": other, "epoch": 0}, strict=False)  # absent entries skipped
+    strict_false = _full(other)
+
+    fabric.save(folder / "twice", {"model": other})
+    fabric.save(folder / "twice", {"model": model, "step": 2})  # replaces the folder
+    fabric.load_raw(folder / "twice", other)
+    return {
+        "saved": saved, "loaded": loaded, "moments": moments, "loaded_moments": loaded_moments,
+        "continued": continued, "again": again, "values": (state["step"], state["info"]), "extra": extra,
+        "raw": _full(raw), "raw_bytes": gathered(fabric, report.bytes), "failures": gathered(fabric, failures),
+        "intact": intact,
+        "leftovers": leftovers, "errors": errors, "strict_false": strict_false, "replaced": _full(other),
+        "after_replace": sorted(p.name for p in folder.iterdir()),
+    }
+
+
+class Unpicklable:
+    def __reduce__(self):
+        raise RuntimeError("cannot pickle this")
+
+
+def _ds_llama(fabric, seed, empty_init=False):
+    torch.manual_seed(seed)
+    with fabric.init_module(empty_init=empty_init):
+        module = tiny_llama()
+    model, optimizer = fabric.setup(module, torch.optim.AdamW(module.parameters(), lr=1e-2))
+    return module, model, optimizer
+
+
+def _ds_full(module) -> dict:
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(module.parameters())):
+        return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+def _joined(fabric, **kwargs):
+    """Another Fabric in the processes `fabric` was launched in: a second strategy without a second launch."""
+    other = torchinit.Fabric(**{**fabric._args, **kwargs})
+    other.plan = other.plan.for_local_rank(fabric.local_rank)
+    other._ranks, other._launched = fabric._ranks, True
+    return other
+
+
+def _ds_round_trip(fabric, path):
+    """Save, step on; load into a fresh engine, step: the values after load and after the step must match."""
+    module, model, optimizer = _ds_llama(fabric, 0)
+    _train_step(fabric, model, optimizer, 1)
+    fabric.save(path, {"model": model, "optimizer": optimizer, "step": 1})
+    saved = _ds_full(module)
+    _train_step(fabric, model, optimizer, 2)
+    continued = _ds_full(module)
+    module, model, optimizer = _ds_llama(fabric, 7)
+    state = {"model": model, "optimizer": optimizer, "step": 0}
+    extra = fabric.load(path, state)
+    loaded = _ds_full(module)
+    _train_step(fabric, model, optimizer, 2)
+    return {"saved": saved, "loaded": loaded, "continued": continued, "again": _ds_full(module),
+            "step": state["step"], "extra": extra, "files": sorted(p.name for p in path.rglob("*"))}
+
+
+def deepspeed_checkpoint(fabric, folder):
+    """ZeRO-3: save/load round trip, load_raw of a safetensors file into the partitions, error paths; then the
+    same round trip under ZeRO-2."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    out = {"zero3": _ds_round_trip(fabric, folder / "zero3")}
+
+    torch.manual_seed(3)
+    want = tiny_llama().to(torch.bfloat16)
+    tensors = {k: v for k, v in want.state_dict().items() if k != "lm_head.weight"}  # tied: stored once
+    if fabric.is_global_zero:
+        save_file(tensors, folder / "model.safetensors")
+        save_file({k: v for k, v in tensors.items() if k != "norm.weight"}, folder / "partial.safetensors")
+    fabric.barrier()
+    module, model, optimizer = _ds_llama(fabric, 4, empty_init=True)
+    _train_step(fabric, model, optimizer, 1)  # a forward leaves small parameters gathered, an optimizer state
+    report = fabric.load_raw(folder / "model.safetensors", model)
+    raw = _ds_full(module)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    _train_step(fabric, model, optimizer, 2)  # with stale fp32 master weights this would bring the old values back
+    out["raw"] = {"want": dict(want.named_parameters()), "raw": raw, "after_step": _ds_full(module),
+                  "bytes": gathered(fabric, report.bytes), "file_bytes": sum(v.numel() * 2 for v in tensors.values())}
+
+    (folder / "plain").mkdir(exist_ok=True)
+    before = _ds_full(module)
+    errors = _errors({
+        "partial": lambda: fabric.load_raw(folder / "partial.safetensors", model),
+        "folder": lambda: fabric.load(folder / "plain", {"model": model}),
+        "dcp": lambda: fabric.load(folder / "zero3", {"model": nn.Linear(2, 2)}),
+        "absent": lambda: fabric.load(folder / "zero3", {"model": model, "epoch": 0}),
+    })
+    errors["untouched"] = all(torch.equal(v, before[k]) for k, v in _ds_full(module).items())
+    with fabric.init_module():
+        lone = nn.Linear(4, 4)
+    lone = fabric.setup(lone)  # no optimizer, no forward: no engine yet
+    errors.update(_errors({"no engine": lambda: fabric.save(folder / "x", {"model": lone})}))
+    with fabric.init_module():
+        other = PostInit()
+    other, _ = fabric.setup(other, torch.optim.SGD(other.parameters(), lr=0.1))
+    errors.update(_errors({"keys": lambda: fabric.load(folder / "zero3", {"model": other})}))
+    out["zero2"] = _ds_round_trip(_joined(fabric, strategy="deepspeed"), folder / "zero2")
+    errors.update(_errors({"stage": lambda: fabric.load(folder / "zero2", {"model": other})}))
+    out["errors"] = errors
+    return out
+
+
+def fsdp_reload(fabric, path):
+    """Load a folder saved by another world size into a fresh model and optimizer."""
+    model, optimizer = _fsdp_llama(fabric, 7)
+    state = {"model": model, "optimizer": optimizer, "step": 0}
+    extra = fabric.load(path, state, strict=False)  # the folder also holds "info"
+    moments = {name: optimizer.state[p]["exp_avg"].full_tensor() for name, p in model.named_parameters()}
+    return {"loaded": _full(model), "moments": moments, "step": state["step"], "extra": extra}

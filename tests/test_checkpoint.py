@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from test_materialize import llama_tied, on_meta
 from torch import nn
 
 import torchinit
+from torchinit.checkpoint.inspect import main as inspect_main
 
 
 def unique(state):
@@ -55,10 +57,21 @@ def write(fmt, state, folder):
     if fmt == "lightning-ckpt":  # nested and prefixed, as Lightning saves a LightningModule holding `self.model`
         torch.save({"state_dict": {f"model.{k}": v for k, v in state.items()}, "epoch": 3}, folder / "last.ckpt")
         return folder / "last.ckpt"
+    if fmt == "dcp":  # torch.distributed.checkpoint, one process; the model nested as fabric.save puts it
+        dcp_save({"model": dict(state), "epoch": 3}, folder / "dcp")
+        return folder / "dcp"
     raise AssertionError(fmt)
 
 
-FORMATS = ["safetensors", "sharded-safetensors", "sharded-bin", "pt", "lightning-ckpt"]
+def dcp_save(state, folder):
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+        warnings.simplefilter("ignore")
+        dcp.save(state, checkpoint_id=folder)
+
+
+FORMATS = ["safetensors", "sharded-safetensors", "sharded-bin", "pt", "lightning-ckpt", "dcp"]
 
 
 def target(kind, build, dtype):
@@ -223,15 +236,52 @@ def test_fabric_load_raw_into_an_empty_model_and_an_optimizer(tmp_path):
     assert optimizer.param_groups[0]["lr"] == 0.25
 
 
-def test_sharded_checkpoint_files_are_not_available_yet(tmp_path):
+def test_sharded_strategies_load_only_their_own_folders(tmp_path):
+    """The round trips run with real processes (test_sharded_checkpoint.py); the checks before them need none."""
     path = write("pt", {"weight": torch.ones(1, 2), "bias": torch.ones(1)}, tmp_path)
-    with pytest.raises(NotImplementedError, match="deepspeed"):
-        torchinit.Fabric(accelerator="cpu", strategy="deepspeed_stage_3").load_raw(path, nn.Linear(2, 1))
-    fabric = torchinit.Fabric(accelerator="cpu", strategy="fsdp")
-    with pytest.raises(NotImplementedError, match="fsdp"):
-        fabric.save(tmp_path / "x.pt", {"model": nn.Linear(2, 1)})
-    with pytest.raises(NotImplementedError, match="fsdp"):
-        fabric.load(path, {"model": nn.Linear(2, 1)})
+    fsdp = torchinit.Fabric(accelerator="cpu", strategy="fsdp")
+    with pytest.raises(ValueError, match=r"strategy='fsdp' reads shards.*state=\{'model': model"):
+        fsdp.load(path)
+    with pytest.raises(torchinit.CheckpointError, match=r"model\.pt: not a folder that fabric\.save wrote under FSDP"
+                                                         r".*fabric\.load_raw\(path, model\)"):
+        fsdp.load(path, {"model": nn.Linear(2, 1)})
+    deepspeed = torchinit.Fabric(accelerator="cpu", strategy="deepspeed_stage_3")
+    with pytest.raises(RuntimeError, match="engine, which does not exist yet"):
+        deepspeed.save(tmp_path / "state", {"model": nn.Linear(2, 1)})
+    with pytest.raises(TypeError, match="module or a torch optimizer"):
+        deepspeed.load_raw(path, object())
+
+
+def test_dcp_folders_pick_their_state_like_pickles_and_name_what_is_wrong(tmp_path, capsys):
+    want = eager(llama, torch.float32)
+    flat, nested, odd = tmp_path / "flat", tmp_path / "nested", tmp_path / "odd"
+    dcp_save(want.state_dict(), flat)
+    dcp_save({"net": want.state_dict(), "opt": {"lr": 0.1, "m": torch.ones(2)}}, nested)
+    dcp_save({"a": {"w": torch.ones(2)}, "b": {"w": torch.ones(2)}}, odd)
+    model = on_meta(llama)
+    report = torchinit.load_checkpoint(model, flat)
+    assert_bitwise_equal(model, want)
+    assert report.bytes == sum(v.numel() * 4 for v in want.state_dict().values())
+    model = on_meta(llama)
+    torchinit.load_checkpoint(model, nested, select="net")
+    assert_bitwise_equal(model, want)
+    with pytest.raises(torchinit.CheckpointError, match=r"odd: found no state dict.*'a', 'b'.*select="):
+        torchinit.open_checkpoint(odd)
+    with pytest.raises(torchinit.CheckpointError, match=r"nested: has no entry 'model' to select.*'net', 'opt'"):
+        torchinit.open_checkpoint(nested, select="model")
+    assert torchinit.open_checkpoint(nested, select="opt")["m"].tolist() == [1.0, 1.0]
+    with pytest.raises(torchinit.CheckpointError, match=r"nested: does not match the model.*Missing: lm_head\.weight"):
+        torchinit.load_checkpoint(on_meta(llama), nested, select="net", key_map={"lm_head.weight": "head"})
+
+    assert inspect_main([str(nested), "--select", "net", "--limit", "0"]) == 0
+    listing = capsys.readouterr().out
+    assert "metadata format: torch.distributed.checkpoint" in listing and "entries: net, opt" in listing
+    assert "model.embed_tokens.weight" in listing and "[96, 64]" in listing
+
+    next(flat.glob("*.distcp")).unlink()
+    with pytest.raises(torchinit.CheckpointError, match=r"flat: its \.metadata names file\(s\) that are not in the "
+                                                         r"folder: __0_0\.distcp"):
+        torchinit.load_checkpoint(on_meta(llama), flat)
 
 
 class Unpicklable:
@@ -315,7 +365,8 @@ def test_folders_that_do_not_say_what_to_load(tmp_path):
     dcp = tmp_path / "dcp"
     dcp.mkdir()
     (dcp / ".metadata").write_bytes(b"")
-    with pytest.raises(torchinit.CheckpointError, match="torch.distributed.checkpoint folder.*dcp_to_torch_save"):
+    with pytest.raises(torchinit.CheckpointError, match="dcp: a torch.distributed.checkpoint folder whose .metadata "
+                                                        "cannot be read.*did not finish or the folder is damaged"):
         torchinit.open_checkpoint(dcp)
     index = tmp_path / "model.safetensors.index.json"
     index.write_text("{not json")

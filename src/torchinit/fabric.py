@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from torchinit import launch as launcher
+from torchinit.checkpoint import sharded
 from torchinit.checkpoint.formats import Checkpoint
 from torchinit.checkpoint.load import load_checkpoint, load_into
 from torchinit.checkpoint.save import save_state
@@ -168,8 +169,17 @@ class Fabric:
 
     # ---- save and load -----------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, state: dict[str, Any]) -> None:
-        """Save modules, optimizers and plain values (rank 0 writes, atomically; every rank waits for it)."""
-        self._no_sharded_checkpoints("save")
+        """Save modules, optimizers and plain values, atomically (a crash never leaves a half-written `path`).
+
+        One device and DDP: rank 0 writes one file. FSDP: a `torch.distributed.checkpoint` folder, each rank
+        writing its own shards (optimizer state included). DeepSpeed: the engine's folder (each rank its
+        partitions). Every rank must call it; all return once `path` is in place."""
+        if self.plan.strategy == "fsdp":
+            sharded.save_fsdp(path, state)
+            return
+        if self.plan.strategy == "deepspeed":
+            sharded.save_deepspeed(path, state, self._engine)
+            return
         if self.is_global_zero:
             save_state(path, state)
         self.barrier()
@@ -177,8 +187,18 @@ class Fabric:
     def load(self, path: str | os.PathLike, state: dict[str, Any] | None = None, strict: bool = True) -> dict:
         """Load what `save` wrote. Modules and optimizers in `state` are restored in place (modules through
         `load_checkpoint`: any model, meta included); other values in `state` are replaced. Returns what the file
-        holds beyond `state` (everything, if `state` is None)."""
-        self._no_sharded_checkpoints("load")
+        holds beyond `state` (everything, if `state` is None).
+
+        Under FSDP and DeepSpeed, `path` is the folder `save` wrote under the same strategy and `state` is
+        required: each rank reads only its own shards into the modules and optimizers given (an FSDP folder
+        also into another world size; a DeepSpeed one only into the same). `strict` also checks module keys."""
+        if self.plan.strategy in ("fsdp", "deepspeed"):
+            if not state:
+                raise ValueError(f"fabric.load under strategy={self.plan.strategy!r} reads shards into the objects "
+                                 "they belong to: pass state={'model': model, 'optimizer': optimizer, ...}.")
+            if self.plan.strategy == "fsdp":
+                return sharded.load_fsdp(path, state, strict, self.device, self.plan.param_dtype)
+            return sharded.load_deepspeed(path, state, strict, self._engine)
         if Path(path).suffix == ".safetensors":
             modules = {k: v for k, v in (state or {}).items() if isinstance(v, nn.Module)}
             if len(modules) != 1:
@@ -205,26 +225,28 @@ class Fabric:
                 state[key] = saved[key]
         return {k: v for k, v in saved.items() if k not in state}
 
-    def _no_sharded_checkpoints(self, what: str) -> None:
-        if self.plan.strategy in ("fsdp", "deepspeed"):
-            raise NotImplementedError(
-                f"fabric.{what} with strategy={self.plan.strategy!r} is not available yet (sharded checkpoints are "
-                "planned). Use one device or ddp."
-            )
-
     # ---- load ------------------------------------------------------------------------------------
     def load_raw(self, path: str | os.PathLike, obj: nn.Module | torch.optim.Optimizer, strict: bool = True) -> Any:
-        """Load a plain checkpoint into one module (any format `torchinit.load_checkpoint` reads; real, empty or
-        meta; before or after `setup`; FSDP-sharded, where each rank reads only its rows) or one optimizer.
-        Returns the module's `LoadReport`."""
+        """Load a plain checkpoint into one module (any format `torchinit.load_checkpoint` reads, DCP folders
+        included; real, empty or meta; before or after `setup`) or one optimizer. Returns the module's
+        `LoadReport`.
+
+        Sharded modules read only their part: FSDP shards their rows (DTensor shards, from DCP), ZeRO-3 ranks
+        their partition's elements; no gather, no broadcast. Under DeepSpeed the optimizer's fp32 master
+        weights are refreshed from the loaded values."""
         if isinstance(obj, torch.optim.Optimizer):
             obj.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             return None
+        if not isinstance(obj, nn.Module):
+            raise TypeError(f"fabric.load_raw loads into a module or a torch optimizer, not a {type(obj).__name__}"
+                            " (under DeepSpeed the optimizer state loads with fabric.load).")
         module = obj.module if isinstance(obj, single.FabricModule) else obj
-        if self.plan.strategy == "deepspeed":  # (FSDP shards are read in place: shard-on-read)
-            raise NotImplementedError("fabric.load_raw with strategy='deepspeed' is not available yet (loading into "
-                                      "ZeRO partitions is planned). Load before setup with one device or ddp.")
-        return load_checkpoint(module, path, strict=strict, device=self.device, dtype=self.plan.param_dtype)
+        if self.plan.strategy != "deepspeed":
+            return load_checkpoint(module, path, strict=strict, device=self.device, dtype=self.plan.param_dtype)
+        report = load_checkpoint(module, path, strict=strict, device=self.device, dtype=ds.param_dtype(self.plan))
+        if self._engine is not None:
+            self._engine.weights_loaded()
+        return report
 
     # ---- run -------------------------------------------------------------------------------------
     def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:

@@ -3,15 +3,20 @@ into its destination.
 
 Formats: one .safetensors file; a folder or index (`*.safetensors.index.json`, `pytorch_model.bin.index.json`)
 of shards; torch pickles (.pt/.bin/.ckpt/.pth, always `weights_only=True` and mmap), with the state found inside
-nested dicts (`state_dict`, `model`, `module`, Lightning checkpoints) or picked with `select`.
+nested dicts (`state_dict`, `model`, `module`, Lightning checkpoints) or picked with `select`;
+`torch.distributed.checkpoint` (DCP) folders, from their `.metadata` alone, with the same nesting rules.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import pickle
+import warnings
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -22,10 +27,21 @@ NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module")
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 
+@dataclass(frozen=True)
+class DcpEntry:
+    """A tensor in a DCP folder: read with `dcp.load`, which fetches only the chunks a destination overlaps."""
+
+    folder: Path
+    key: str  # the flattened key in the folder's metadata
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
 class Checkpoint(Mapping):
     """A checkpoint's tensors by key. `shape`/`dtype` cost nothing; `load_into` reads straight into tensors."""
 
-    def __init__(self, path: Path, entries: dict[str, Entry | torch.Tensor], files: list[Path], metadata: dict):
+    def __init__(self, path: Path, entries: dict[str, Entry | DcpEntry | torch.Tensor], files: list[Path],
+                 metadata: dict):
         self.path, self.entries, self.files, self.metadata = path, entries, files, metadata
         self.bytes_read = 0
 
@@ -49,7 +65,10 @@ class Checkpoint(Mapping):
         if isinstance(entry, torch.Tensor):
             return entry
         out = torch.empty(entry.shape, dtype=entry.dtype)
-        safetensors.read_into([(entry, out)])
+        if isinstance(entry, DcpEntry):
+            read_dcp(entry.folder, {entry.key: out})
+        else:
+            safetensors.read_into([(entry, out)])
         return out
 
     def __iter__(self) -> Iterator[str]:
@@ -71,29 +90,65 @@ class Checkpoint(Mapping):
         entry = self.entries[key]
         if isinstance(entry, torch.Tensor):
             return entry.numel() * entry.element_size()
+        if isinstance(entry, DcpEntry):
+            return math.prod(entry.shape) * entry.dtype.itemsize
         return entry.end - entry.start
 
     def load_into(self, pairs: list[tuple[str, torch.Tensor]]) -> int:
         """Fill each tensor with the value under its key (cast as `copy_` would); returns bytes read.
 
         A destination sharded on dim 0 (an FSDP2 DTensor) gets only this rank's rows, and for safetensors only
-        those rows' bytes are read (shard-on-read: no rank reads the whole tensor, no broadcast).
+        those rows' bytes are read (shard-on-read: no rank reads the whole tensor, no broadcast). From a DCP
+        folder any DTensor gets its shard, reading only the saved chunks that overlap it.
         """
-        lazy, eager = [], []
+        lazy, eager, dcp, dcp_bytes = [], [], {}, 0
         for key, t in pairs:
-            entry, rows = self.entries[key], _local_rows(t)
+            entry = self.entries[key]
+            if isinstance(entry, DcpEntry):
+                dcp[entry.key] = t
+                dcp_bytes += _local(t).numel() * entry.dtype.itemsize
+                continue
+            rows = _local_rows(t)
             local = t.to_local() if rows is not None else t
             if isinstance(entry, Entry):
                 lazy.append((_rows_of(entry, rows) if rows is not None else entry, local))
             else:
                 eager.append((entry[rows[0]:rows[1]] if rows is not None else entry, local))
-        done = safetensors.read_into(lazy) if lazy else 0
-        with torch.no_grad():
-            for value, local in eager:
-                local.copy_(value)
-                done += value.numel() * value.element_size()
+        done = self._fill(lazy, eager)
+        if dcp:
+            read_dcp(self.path, dcp)  # a DCP checkpoint's path is its folder
+            done += dcp_bytes
         self.bytes_read += done
         return done
+
+    def load_slices(self, items: list[tuple[str, int, int, torch.Tensor]]) -> int:
+        """Elements [start, end) of each value, flattened, into a 1-D tensor (a ZeRO-3 partition); returns bytes
+        read. From safetensors only those elements' bytes are read; a DCP value is read whole, one at a time."""
+        lazy, eager = [], []
+        for key, start, end, out in items:
+            entry = self.entries[key]
+            if isinstance(entry, Entry):
+                size = entry.dtype.itemsize
+                lazy.append((Entry(entry.path, entry.dtype, (end - start,), entry.start + start * size,
+                                   entry.start + end * size), out))
+            else:
+                eager.append(((entry if isinstance(entry, torch.Tensor) else self[key]).reshape(-1)[start:end], out))
+        done = self._fill(lazy, eager)
+        self.bytes_read += done
+        return done
+
+    @staticmethod
+    def _fill(lazy: list[tuple[Entry, torch.Tensor]], eager: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+        done = safetensors.read_into(lazy) if lazy else 0
+        with torch.no_grad():
+            for value, out in eager:
+                out.copy_(value)
+                done += value.numel() * value.element_size()
+        return done
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _local_rows(t: torch.Tensor) -> tuple[int, int] | None:
@@ -139,8 +194,7 @@ def open_checkpoint(path: str | Path, select: str | None = None, mmap: bool = Tr
 
 def _open_folder(path: Path, select: str | None, mmap: bool) -> Checkpoint:
     if (path / ".metadata").exists():
-        raise CheckpointError(f"{path}: a torch.distributed.checkpoint folder; loading those is not supported yet. "
-                              "Convert it with torch.distributed.checkpoint.format_utils.dcp_to_torch_save.")
+        return _open_dcp(path, select)
     indexes = sorted(path.glob("*.safetensors.index.json")) or sorted(path.glob("*.bin.index.json"))
     if len(indexes) == 1:
         return _open_index(indexes[0], select, mmap)
@@ -170,6 +224,82 @@ def _open_index(index: Path, select: str | None, mmap: bool) -> Checkpoint:
         raise CheckpointError(f"{index}: {len(absent)} key(s) are missing from the shard the index names, e.g. "
                               f"{absent[:3]}.")
     return Checkpoint(index, entries, files, {})
+
+
+def dcp_metadata(path: Path) -> Any:
+    """A DCP folder's `Metadata`, after checking that every file it names is there."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        metadata = FileSystemReader(path).read_metadata()
+    except Exception as error:  # a pickle of torch classes: any error means "not readable"
+        raise CheckpointError(f"{path}: a torch.distributed.checkpoint folder whose .metadata cannot be read "
+                              f"({type(error).__name__}: {error}); the save did not finish or the folder is damaged."
+                              ) from None
+    files = sorted({info.relative_path for info in metadata.storage_data.values()})
+    missing = [name for name in files if not (path / name).is_file()]
+    if missing:
+        raise CheckpointError(f"{path}: its .metadata names file(s) that are not in the folder: {', '.join(missing)}.")
+    return metadata
+
+
+def dcp_paths(metadata: Any) -> dict[str, tuple]:
+    """Flattened key -> its path in the saved (nested) state: ("model", "layers.0.weight"), ("step",)."""
+    nested = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
+    return {key: tuple(nested.get(key, (key,))) for key in metadata.state_dict_metadata}
+
+
+def _open_dcp(path: Path, select: str | None) -> Checkpoint:
+    """The tensors of a DCP folder, found as in a torch pickle: all of a flat state, one nested entry picked with
+    `select`, or the first of NESTED_KEYS that holds only tensors (`fabric.save` puts a module under its key)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = dcp_metadata(path)
+    paths = dcp_paths(metadata)
+    tops = list(dict.fromkeys(p[0] for p in paths.values()))
+    if select is None and any(len(p) > 1 for p in paths.values()):
+        select = next((k for k in NESTED_KEYS if k in tops and all(
+            len(p) == 2 and isinstance(metadata.state_dict_metadata[key], TensorStorageMetadata)
+            for key, p in paths.items() if p[0] == k)), None)
+        if select is None:
+            raise CheckpointError(f"{path}: found no state dict of tensors (top-level entries: "
+                                  f"{', '.join(map(repr, tops[:10]))}). Pass select='<key>' to say where it is.")
+    if select is not None and select not in tops:
+        raise CheckpointError(f"{path}: has no entry {select!r} to select (top-level entries: "
+                              f"{', '.join(map(repr, tops[:10]))}).")
+    entries: dict[str, Entry | DcpEntry | torch.Tensor] = {}
+    for key, meta in metadata.state_dict_metadata.items():
+        where = paths[key]
+        if not isinstance(meta, TensorStorageMetadata) or select is not None and where[0] != select:
+            continue
+        name = ".".join(map(str, where[1:] if select is not None else where))
+        entries[name] = DcpEntry(path, key, meta.properties.dtype, tuple(meta.size))
+    files = sorted({path / info.relative_path for info in metadata.storage_data.values()})
+    nested = {"entries": ", ".join(tops)} if any(len(p) > 1 for p in paths.values()) else {}
+    return Checkpoint(path, entries, files, {"format": "torch.distributed.checkpoint", **nested})
+
+
+def read_dcp(folder: Path, targets: dict[str, Any]) -> None:
+    """`dcp.load` into `targets` in place, in this process alone: no collectives, so ranks need not call it
+    together; each one reads only the saved chunks that overlap its own tensors (its shards, for DTensors)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(targets, storage_reader=dcp.FileSystemReader(folder), no_dist=True)
+    except CheckpointException as error:
+        raise CheckpointError(f"{folder}: reading the torch.distributed.checkpoint failed: {dcp_failures(error)}"
+                              ) from None
+
+
+def dcp_failures(error: BaseException) -> str:
+    """What failed on which rank, from DCP's exception (whose message is every rank's whole traceback)."""
+    failures = getattr(error, "failures", None)
+    if not failures:
+        return str(error)
+    return "; ".join(f"rank {rank}: {type(exc).__name__}: {exc}" for rank, (exc, _) in sorted(failures.items()))
 
 
 def _open_torch(path: Path, select: str | None, mmap: bool) -> Checkpoint:

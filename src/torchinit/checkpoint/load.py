@@ -9,7 +9,9 @@
    file, before anything changes.
 4. `materialize(..., checkpoint=...)`: the data goes straight into the parameters (for meta ones, into fresh
    memory on the device, in the target dtype, same Parameter objects). What the checkpoint lacks is initialized
-   through the chain (never left as uninitialized memory) and reported as missing.
+   through the chain (never left as uninitialized memory) and reported as missing. A ZeRO-3 model (after
+   `deepspeed.zero.Init`) is not materialized: each rank copies its slice into its partitions instead, and what
+   the checkpoint lacks keeps its values.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import nn
 from torchinit.checkpoint.formats import Checkpoint, open_checkpoint
 from torchinit.checkpoint.safetensors import CheckpointError
 from torchinit.materialize.materialize import materialize
+from torchinit.strategies import deepspeed
 
 PREFIXES = ("module.", "_orig_mod.", "model.")
 
@@ -75,7 +78,29 @@ def load_into(
     dtype: torch.dtype | None = None,
 ) -> LoadReport:
     """`load_checkpoint` for a checkpoint already open (also one made from tensors in memory)."""
-    start, path = time.perf_counter(), checkpoint.path
+    start = time.perf_counter()
+    names, report = match(module, checkpoint, strict=strict, key_map=key_map)
+    view = checkpoint.renamed(names)  # the checkpoint under the model's key names
+    if any(hasattr(p, "ds_id") for p in module.parameters()):  # ZeRO-3 partitions: each rank its slice
+        report.bytes = deepspeed.load_partitions(module, view)
+    else:
+        result = materialize(module, device, dtype, checkpoint=view)
+        report.initialized, report.bytes = result.from_init, view.bytes_read
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def match(
+    module: nn.Module,
+    checkpoint: Checkpoint,
+    *,
+    strict: bool = True,
+    key_map: Mapping[str, str] | Callable[[str], str] | None = None,
+) -> tuple[dict[str, str], LoadReport]:
+    """{model key: checkpoint key} and the report so far. Raises, before anything changes, on every shape
+    mismatch and (under `strict`) on missing or unexpected keys: callers loading several entries check all
+    of them first."""
+    path = checkpoint.path
     report = LoadReport(str(path))
     groups = _name_groups(module)
     names = _match(list(checkpoint), groups, key_map)
@@ -84,8 +109,8 @@ def load_into(
     report.unexpected = sorted(set(checkpoint) - set(names.values()))
     report.missing = sorted(k for k, g in groups.items() if g not in loaded_groups)
     state = module.state_dict(keep_vars=True)
-    report.mismatched = [f"{k} (checkpoint {list(checkpoint.shape(c))}, model {list(state[k].shape)})"
-                         for k, c in names.items() if tuple(checkpoint.shape(c)) != tuple(state[k].shape)]
+    report.mismatched = [f"{k} (checkpoint {list(checkpoint.shape(c))}, model {list(_shape(state[k]))})"
+                         for k, c in names.items() if tuple(checkpoint.shape(c)) != _shape(state[k])]
     if report.mismatched:
         raise CheckpointError(f"{path}: {len(report.mismatched)} tensor(s) have other shapes than the model's: "
                               f"{', '.join(report.mismatched[:10])}. Nothing was loaded.")
@@ -95,11 +120,12 @@ def load_into(
             f"{_some(report.unexpected)}. Nothing was loaded; pass strict=False to load what matches (the rest is "
             "initialized by the modules' init), or key_map= to rename."
         )
-    view = checkpoint.renamed(names)  # the checkpoint under the model's key names
-    result = materialize(module, device, dtype, checkpoint=view)
-    report.initialized, report.bytes = result.from_init, view.bytes_read
-    report.seconds = time.perf_counter() - start
-    return report
+    return names, report
+
+
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    """The full shape, also of a ZeRO-3 partitioned parameter (whose own shape is empty)."""
+    return tuple(t.ds_shape) if hasattr(t, "ds_shape") else tuple(t.shape)
 
 
 def _name_groups(module: nn.Module) -> dict[str, int]:

@@ -24,11 +24,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    folder = os.open(path.parent, os.O_RDONLY)
+    fsync_folder(path.parent)
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make renames inside `folder` survive a power cut."""
+    fd = os.open(folder, os.O_RDONLY)
     try:
-        os.fsync(folder)  # the rename itself survives a power cut
+        os.fsync(fd)
     finally:
-        os.close(folder)
+        os.close(fd)
 
 
 def plain_state(state: dict[str, Any]) -> dict[str, Any]:

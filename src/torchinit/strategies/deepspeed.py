@@ -21,6 +21,7 @@ import contextlib
 import os
 import warnings
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -32,6 +33,9 @@ from torchinit.init.construct import _aliased_result, _written_args
 from torchinit.materialize.materialize import MaterializeError, _final_dtype, _init_for, _post_order, _swap_in
 from torchinit.materialize.verify import _names
 from torchinit.plan import DeepSpeedStrategy, Plan
+
+if TYPE_CHECKING:
+    from torchinit.checkpoint.formats import Checkpoint
 
 
 def _deepspeed():
@@ -202,12 +206,45 @@ def partition_recorded(module: nn.Module, plan: Plan, options: DeepSpeedStrategy
 
 
 def _keep_partition(param: nn.Parameter, full: torch.Tensor) -> None:
-    """Copy this rank's slice of `full` into the ZeRO-3 partition, laid out as DeepSpeed partitions: the
-    flattened tensor cut into `partition_numel()` pieces, one per rank, the last one padded."""
+    """Copy this rank's slice of `full` into the ZeRO-3 partition (see `_partition_range`)."""
+    start, end = _partition_range(param)
+    param.ds_tensor[: end - start].copy_(full.detach().reshape(-1)[start:end])
+
+
+def _partition_range(param: nn.Parameter) -> tuple[int, int]:
+    """This rank's elements [start, end) of the flattened parameter, as DeepSpeed partitions: the flattened
+    tensor cut into `partition_numel()` pieces, one per rank, the last one padded."""
     size = param.partition_numel()
-    start = size * torch.distributed.get_rank(param.ds_process_group)
-    piece = full.detach().reshape(-1)[start:start + size]
-    param.ds_tensor[: piece.numel()].copy_(piece)
+    start = min(size * torch.distributed.get_rank(param.ds_process_group), param.ds_numel)
+    return start, min(start + size, param.ds_numel)
+
+
+def load_partitions(module: nn.Module, checkpoint: Checkpoint) -> int:
+    """Copy this rank's slice of each checkpoint value (keyed by the module's state-dict names) into the ZeRO-3
+    partitions; buffers, which ZeRO-3 does not partition, whole. No gather, no broadcast: each rank reads
+    only its own elements. Returns the bytes read.
+
+    Full copies that a forward left gathered (persistent small parameters) are released first, or they would
+    keep the old values; the next forward gathers the new ones.
+    """
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    targets = {k: t for k, t in module.state_dict(keep_vars=True).items() if k in checkpoint}
+    params = list({id(t): t for t in targets.values() if hasattr(t, "ds_id")}.values())
+    gathered = [p for p in params if p.ds_status != ZeroParamStatus.NOT_AVAILABLE]
+    if gathered:
+        gathered[0].partition(gathered)
+    slices, whole, seen = [], [], set()
+    for key, t in targets.items():
+        if id(t) in seen:  # a tie: its first name is enough
+            continue
+        seen.add(id(t))
+        if hasattr(t, "ds_id"):
+            start, end = _partition_range(t)
+            slices.append((key, start, end, t.ds_tensor.data[: end - start]))
+        else:
+            whole.append((key, t.data))
+    return checkpoint.load_slices(slices) + checkpoint.load_into(whole)
 
 
 class Engine:
@@ -235,6 +272,15 @@ class Engine:
         if self.engine is None:
             self.start(None)
         return self.engine(*args, **kwargs)
+
+    def weights_loaded(self) -> None:
+        """After writing into the parameters: the optimizer's fp32 master copies follow them again, and ZeRO-3
+        re-gathers what it keeps gathered (otherwise the next step would bring the old values back)."""
+        optimizer = self.engine.optimizer if self.engine is not None else None
+        if hasattr(optimizer, "refresh_fp32_params"):
+            optimizer.refresh_fp32_params()
+        if hasattr(optimizer, "checkpoint_event_epilogue"):
+            optimizer.checkpoint_event_epilogue()
 
 
 class EngineOptimizer:
