@@ -247,3 +247,29 @@ def test_replay_holds_about_one_full_tensor_at_a_time():
     total = sum(p.numel() for p in model.parameters()) * 4
     torchinit.materialize(model)
     assert 0 < record.peak_bytes <= 2 * largest < total / 2
+
+
+@pytest.mark.parametrize("name", ["llama-tied", "gpt2", "t5", "mixtral-moe"])
+def test_fsdp_two_ranks_replay_eager_values(name):
+    """FSDP with 2 ranks (the fake process group, in this process): each rank's shards, stacked, are eager's."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from torchinit.launch import Ranks
+
+    build, shards = MODELS[name], []
+    for rank in range(2):
+        fabric = torchinit.Fabric(accelerator="cpu", strategy="fsdp", devices=2, precision="bf16-true", seed=0)
+        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=2)
+        try:
+            fabric._ranks, fabric._launched = Ranks(rank, rank, 0, 2), True
+            with fabric.init_module():
+                module = build()
+            model = fabric.setup(module)
+            shards.append({n: p.to_local().detach().clone() for n, p in model.named_parameters()})
+        finally:
+            dist.destroy_process_group()
+    reference = dict(eager(build, torch.bfloat16).named_parameters())
+    assert shards[0].keys() == reference.keys()
+    for key, value in reference.items():
+        assert torch.equal(torch.cat([shards[0][key], shards[1][key]]), value), key
