@@ -238,10 +238,17 @@ def test_cuda_replay_equals_eager_on_cuda(name):
     assert_same(model, eager(build, torch.bfloat16, device="cuda"))
 
 
-def test_replay_holds_about_one_full_tensor_at_a_time():
-    """transformers initializes every weight twice (the layer's own init, then _init_weights in post_init): the
-    first value is dead, so it is freed at once, and the replay never holds the model in full."""
-    model = recorded(MODELS["llama"])
+def bundled_llama():
+    from torchinit.models import Llama, config_for
+
+    return Llama(config_for("tiny"))  # re-initializes through `.data.normal_()`
+
+
+@pytest.mark.parametrize("build", [MODELS["llama"], bundled_llama], ids=["transformers", "bundled"])
+def test_replay_holds_about_one_full_tensor_at_a_time(build):
+    """Models initialize every weight twice (the layer's own init, then the model's scheme): the first value is
+    dead, so it is freed at once, and the replay never holds the model in full."""
+    model = recorded(build)
     record = records_of(model)
     largest = max(p.numel() for p in model.parameters()) * 4  # replayed in fp32
     total = sum(p.numel() for p in model.parameters()) * 4

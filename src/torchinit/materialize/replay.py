@@ -27,9 +27,10 @@ class _Replayer:
     """Runs a record's ops, in order, from a cursor; holds the real tensor of each node while it is needed.
 
     Memory lives only while its value can still be read: after the last op touching it (its value is then
-    finished), or when the next op touching it overwrites it in full (an init that a later init replaces:
-    `Linear.reset_parameters` before transformers' `_init_weights`), it is freed, and allocated again, empty,
-    for the overwriting op. So a replay holds about one full tensor at a time, plus the live temporaries.
+    finished), or when the next op reading or writing its values overwrites it in full (an init that a later
+    init replaces: `Linear.reset_parameters` before transformers' `_init_weights`), it is freed, and allocated
+    again, empty, at its next use (views such as `.data` do not read values). So a replay holds about one
+    full tensor at a time, plus the live temporaries.
     """
 
     def __init__(self, record: Record, keep_all: bool = False):
@@ -50,10 +51,14 @@ class _Replayer:
                 touches.setdefault(memory, []).append(i)
         for memory, ops in touches.items():
             self.finish_at[memory] = ops[-1]
-            if memory in record.whole:
-                for i, following in zip(ops, ops[1:], strict=False):
-                    if record.ops[following].overwrites == memory:
-                        self.dead_after.setdefault(i, []).append(memory)
+            if memory not in record.whole:
+                continue
+            following = None  # the next op after this one that reads or writes the memory's values
+            for i in reversed(ops):
+                if following is not None and record.ops[following].overwrites == memory:
+                    self.dead_after.setdefault(i, []).append(memory)
+                if not getattr(record.ops[i].func, "is_view", False):
+                    following = i
 
     def value(self, ref: Ref | Alias) -> torch.Tensor:
         if isinstance(ref, Ref):
@@ -106,10 +111,10 @@ class _Replayer:
         with self._generators(), _default_dtype(record.default_dtype), torch.no_grad():
             while self.cursor < stop:
                 i, op = self.cursor, ops[self.cursor]
-                if op.overwrites in self.freed:  # its old value was dead: fresh memory to overwrite
-                    self.freed.discard(op.overwrites)
-                    size, stride, _, dtype = record.layout[op.overwrites]
-                    self._keep(op.overwrites, torch.empty_strided(size, stride, dtype=dtype, device=record.device))
+                for memory in self.freed.intersection(op.memory):  # freed while dead: fresh memory
+                    self.freed.discard(memory)
+                    size, stride, _, dtype = record.layout[memory]
+                    self._keep(memory, torch.empty_strided(size, stride, dtype=dtype, device=record.device))
                 out = op.func(*self.decode(op.args), **self.decode(op.kwargs))
                 leaves = [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
                 for node, leaf in zip(op.outs, leaves, strict=False):
