@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -352,8 +353,22 @@ class RecordContext:
         self._stack = self._recorder = self._modules = None
         stack.close()
         if exc_type is None:
+            _check_generators(recorder.record)
             _finish(recorder, list(modules.modules), self.dtype)
         return False
+
+
+def _check_generators(record: Record) -> None:
+    """Fake ops draw nothing: a generator whose state moved was re-seeded (or used on real tensors) inside the
+    construction, which a replay from the recorded state would not repeat. Refuse rather than give other values."""
+    for i, state in record.rng.items():
+        if not torch.equal(record.generators[i].get_state(), state):
+            raise RecordError(
+                f"A random generator ({record.generators[i].device} generator {i}) was re-seeded or drew random "
+                "numbers for real while the model was built in record mode, so the record cannot reproduce its "
+                "values. Seed before the context (fabric = Fabric(seed=...), or torch.manual_seed before "
+                "init_module()), not inside the model's constructor."
+            )
 
 
 def _snapshot_rng(recorder: _OpRecorder, device: torch.device) -> None:
@@ -387,6 +402,18 @@ def _finish(recorder: _OpRecorder, modules: list[nn.Module], dtype: torch.dtype 
             for name, t in table.items():
                 if isinstance(t, FakeTensor):
                     table[name] = placeholder(t, as_param)
+    hidden = []
+    for module in modules:  # containers of references to parameters (RNN's _flat_weights) follow them
+        for name, value in list(vars(module).items()):
+            if isinstance(value, (list, tuple, dict)) and any(isinstance(x, FakeTensor)
+                                                               for x in pytree.tree_leaves(value)):
+                object.__setattr__(module, name, pytree.tree_map(
+                    lambda x: placeholders.get(id(x), x) if isinstance(x, FakeTensor) else x, value))
+                if any(isinstance(x, FakeTensor) for x in pytree.tree_leaves(getattr(module, name))):
+                    hidden.append(f"{type(module).__name__}.{name}")
+    if hidden:
+        warnings.warn(f"Tensors inside containers ({', '.join(hidden[:5])}) were built in record mode and stay fake "
+                      "tensors (no values): register them as buffers, or build them in forward.", stacklevel=3)
     for module in modules:
         for name, value in list(vars(module).items()):
             if isinstance(value, FakeTensor):
