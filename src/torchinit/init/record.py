@@ -222,8 +222,9 @@ class _OpRecorder(TorchDispatchMode):
             out = func(*args, **kwargs)
         except Exception as exc:
             raise RecordError(
-                f"Cannot record {func} in {_where()}: {type(exc).__name__}: {exc}. Build this module outside the "
-                "record (fabric.init_module(empty_init=True) and a checkpoint, or torchinit.InitContext)."
+                f"Cannot record {func} in {_where()}: {type(exc).__name__}: {exc}. Build the model without a "
+                "record: FSDPStrategy(record_init=False) / DeepSpeedStrategy(stage=3, record_init=False) under "
+                "Fabric, or torchinit.InitContext instead of torchinit.RecordContext."
             ) from exc
         self.add(func, enc_args, enc_kwargs, out, overwritten)
         return out
