@@ -260,30 +260,71 @@ def test_replay_holds_about_one_full_tensor_at_a_time(build):
     assert 0 < record.peak_bytes <= 2 * largest < total / 2
 
 
-@pytest.mark.parametrize("name", ["llama-tied", "gpt2", "t5", "mixtral-moe"])
-def test_fsdp_two_ranks_replay_eager_values(name):
-    """FSDP with 2 ranks (the fake process group, in this process): each rank's shards, stacked, are eager's."""
+def fsdp_shards(build, change=None, empty_init=None, after_setup=None) -> list[dict[str, torch.Tensor]]:
+    """FSDP with 2 ranks (the fake process group, in this process): each rank's local shards."""
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from torchinit.launch import Ranks
 
-    build, shards = MODELS[name], []
+    shards = []
     for rank in range(2):
         fabric = torchinit.Fabric(accelerator="cpu", strategy="fsdp", devices=2, precision="bf16-true", seed=0)
         dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=2)
         try:
             fabric._ranks, fabric._launched = Ranks(rank, rank, 0, 2), True
-            with fabric.init_module():
+            with fabric.init_module(empty_init=empty_init):
                 module = build()
+            if change is not None:
+                change(module)
             model = fabric.setup(module)
+            if after_setup is not None:
+                after_setup(fabric, model)
             shards.append({n: p.to_local().detach().clone() for n, p in model.named_parameters()})
         finally:
             dist.destroy_process_group()
-    reference = dict(eager(build, torch.bfloat16).named_parameters())
-    assert shards[0].keys() == reference.keys()
+    return shards
+
+
+def stacked(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {key: torch.cat([s[key] for s in shards]) for key in shards[0]}
+
+
+@pytest.mark.parametrize("name", ["llama-tied", "gpt2", "t5", "mixtral-moe"])
+def test_fsdp_two_ranks_replay_eager_values(name):
+    full, reference = stacked(fsdp_shards(MODELS[name])), dict(eager(MODELS[name], torch.bfloat16).named_parameters())
+    assert full.keys() == reference.keys()
     for key, value in reference.items():
-        assert torch.equal(torch.cat([shards[0][key], shards[1][key]]), value), key
+        assert torch.equal(full[key], value), key
+
+
+def test_fsdp_with_a_layer_replaced_after_recording():
+    """Not everything is in the record: setup goes unit by unit, replaying what the record covers."""
+    build = MODELS["llama"]
+
+    def replace(model):
+        with torch.device("meta"):
+            model.model.layers[1].mlp.down_proj = nn.Linear(128, 64, bias=False)
+
+    full, reference = stacked(fsdp_shards(build, replace)), dict(eager(build, torch.bfloat16).named_parameters())
+    for key, value in reference.items():
+        if key != "model.layers.1.mlp.down_proj.weight":
+            assert torch.equal(full[key], value), key
+    assert torch.isfinite(full["model.layers.1.mlp.down_proj.weight"]).all()
+
+
+def test_fsdp_empty_init_then_a_partial_checkpoint_keeps_eager_values_for_the_rest(tmp_path):
+    from safetensors.torch import save_file
+
+    build = MODELS["llama"]
+    save_file({"lm_head.weight": torch.ones(100, 64)}, tmp_path / "head.safetensors")
+    full = stacked(fsdp_shards(build, empty_init=True, after_setup=lambda fabric, model: fabric.load_raw(
+        tmp_path / "head.safetensors", model, strict=False)))
+    reference = dict(eager(build, torch.bfloat16).named_parameters())
+    assert torch.equal(full["lm_head.weight"], torch.ones(100, 64, dtype=torch.bfloat16))
+    for key, value in reference.items():
+        if key != "lm_head.weight":
+            assert torch.equal(full[key], value), f"{key}: replayed, not reset"
 
 
 class Reseeds(nn.Module):
