@@ -33,8 +33,8 @@ class _Replayer:
     full tensor at a time, plus the live temporaries.
     """
 
-    def __init__(self, record: Record, keep_all: bool = False):
-        self.record, self.keep_all = record, keep_all
+    def __init__(self, record: Record):
+        self.record = record
         self.cursor = 0
         self.env: dict[int, torch.Tensor] = {}
         self.consts: dict[int, torch.Tensor] = {}
@@ -121,8 +121,6 @@ class _Replayer:
                     if node is not None:
                         self._keep(node, leaf)
                 self.cursor += 1
-                if self.keep_all:
-                    continue
                 for memory in op.memory:
                     if self.finish_at[memory] == i:
                         finished(memory)
@@ -156,10 +154,17 @@ def _default_dtype(dtype: torch.dtype):
 
 
 def evaluate(record: Record, ref: Ref | Alias) -> torch.Tensor:
-    """The real value of one recorded tensor now (for `.item()` while recording): a replay of the record so far."""
-    replayer = _Replayer(record, keep_all=True)
-    replayer.run(len(record.ops), lambda memory: None)
-    return replayer.value(ref).clone()
+    """The real value of one recorded tensor now (for `.item()` while recording): a replay of the record so far,
+    freeing memory as it goes, that keeps a copy of the value when its memory is finished."""
+    replayer, found = _Replayer(record), []
+    wanted = record.memory_of[ref.node]
+
+    def finished(memory: int) -> None:
+        if memory == wanted:
+            found.append(replayer.value(ref).clone())
+
+    replayer.run(len(record.ops), finished)
+    return found[0]
 
 
 class Recording:
