@@ -30,8 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakIdKeyDictionary
 
 from torchinit.init.construct import _aliased_result, _written_args
-from torchinit.materialize.materialize import MaterializeError, _final_dtype, _init_for, _post_order, _swap_in
-from torchinit.materialize.verify import _names
+from torchinit.materialize.materialize import _init_for, _post_order, materialize
 from torchinit.plan import DeepSpeedStrategy, Plan
 
 if TYPE_CHECKING:
@@ -177,32 +176,20 @@ def initialize_partitioned(module: nn.Module) -> list[str]:
 
 
 def partition_recorded(module: nn.Module, plan: Plan, options: DeepSpeedStrategy, recorded) -> None:
-    """ZeRO-3 from a record: module by module, children first, the record replays the module's own tensors in
-    full on the device, then DeepSpeed partitions them (`zero.Init(module=...)`) and frees the full ones.
+    """ZeRO-3 from a record: module by module, children first, `materialize` gives the module's own meta
+    tensors their values in full on the device (the record's; a module swapped in on meta after recording gets
+    its own init), then DeepSpeed partitions them (`zero.Init(module=...)`) and frees the full ones.
 
     Every rank replays the same values (eager's, G3), so the partitions do not depend on the world size (G7).
     Peak: the partitions plus one module's tensors in full (a value the record finishes before its module
     comes up is kept until then).
     """
-    missing = [f"{path}.{name}" if path else name for path, owner in module.named_modules()
-               for name, t in [*owner._parameters.items(), *owner._buffers.items()]
-               if t is not None and t.device.type == "meta" and not recorded.covers(t)]
-    if missing:
-        raise MaterializeError(
-            f"Under ZeRO-3, setup replays the recorded init, and these meta tensors are not in the record: "
-            f"{_names(missing)}. Nothing was changed. Build them inside fabric.init_module(), or load them first "
-            "(torchinit.load_checkpoint)."
-        )
     deepspeed, cfg, dtype = _deepspeed(), config(plan, options), param_dtype(plan)
     for _, owner in _post_order(module):
-        own = {name: t for name, t in [*owner._parameters.items(), *owner._buffers.items()]
-               if t is not None and t.device.type == "meta"}
-        if not own:
-            continue
-        for t in own.values():
-            _swap_in(t, torch.empty_like(t, device=plan.device, dtype=_final_dtype(t, dtype)))
-        recorded.replay(own)
-        deepspeed.zero.Init(module=owner, config_dict_or_path=cfg)
+        own = [*owner._parameters.values(), *owner._buffers.values()]
+        if any(t is not None and t.device.type == "meta" for t in own):
+            materialize(owner, plan.device, dtype, recorded=recorded, check_values=False)
+            deepspeed.zero.Init(module=owner, config_dict_or_path=cfg)
 
 
 def _keep_partition(param: nn.Parameter, full: torch.Tensor) -> None:
