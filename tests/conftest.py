@@ -17,6 +17,26 @@ def assert_bitwise_equal(got: nn.Module, want: nn.Module) -> None:
     assert not wrong, f"differ from eager: {wrong}"
 
 
+def on_fake_ranks(world: int, fn, **fabric_kwargs) -> list:
+    """`fn(fabric)` for each rank of a `world`-rank FSDP fabric, one after another in this process, each under
+    the fake process group (collectives do nothing): per-rank results of a world size no machine here has."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from torchinit.launch import Ranks
+
+    results = []
+    for rank in range(world):
+        fabric = torchinit.Fabric(accelerator="cpu", strategy="fsdp", devices=world, **fabric_kwargs)
+        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+        try:
+            fabric._ranks, fabric._launched = Ranks(rank, rank, 0, world), True
+            results.append(fn(fabric))
+        finally:
+            dist.destroy_process_group()
+    return results
+
+
 def global_state() -> tuple:
     """Everything an init context may touch: default dtype and device, mode stacks, hooks, nn.init."""
     from torch.nn.modules import module as m

@@ -2,13 +2,12 @@
 
 import pytest
 import torch
-import torch.distributed as dist
+from conftest import on_fake_ranks
 from dist_workers import fsdp_build_and_setup, fsdp_load_raw, fsdp_training, seed_snippet, tiny_llama
 from test_distributed import deadline, deadline_guard  # noqa: F401  (the hang guard, also for fixtures)
 from test_exact import eager
 
 import torchinit
-from torchinit.launch import Ranks
 from torchinit.models.llama import Block
 from torchinit.strategies import fsdp
 
@@ -45,17 +44,8 @@ def test_each_rank_holds_a_distinct_slice_and_ties_survive(world):
 
 def test_four_ranks_with_the_fake_process_group(world):
     """World size 4 in one process: each fake rank's shard, stacked, is world size 1's parameter."""
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    shards = []
-    for rank in range(4):
-        fabric = torchinit.Fabric(accelerator="cpu", strategy="fsdp", devices=4, precision="bf16-true", seed=0)
-        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=4)
-        try:
-            fabric._ranks, fabric._launched = Ranks(rank, rank, 0, 4), True
-            shards.append(fsdp_build_and_setup(fabric, False)[2])  # empty_init=False: meta as well
-        finally:
-            dist.destroy_process_group()
+    shards = on_fake_ranks(4, lambda fabric: fsdp_build_and_setup(fabric, False)[2], precision="bf16-true",
+                           seed=0)  # empty_init=False: recorded as well
     for name, full in world[1]["full"].items():
         stacked = torch.cat([s[name] for s in shards])
         assert torch.equal(stacked, full), name

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import transformers as tf
+from conftest import assert_bitwise_equal, on_fake_ranks, tensors
 from test_exact import eager
 from torch import nn
 from torch.overrides import _get_current_function_mode_stack
@@ -39,18 +40,6 @@ def recorded(build, device="cpu", dtype=None, seed=0):
         return build()
 
 
-def tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers(remove_duplicate=False))}
-
-
-def assert_same(model: nn.Module, reference: nn.Module) -> None:
-    got, want = tensors(model), tensors(reference)
-    assert got.keys() == want.keys()
-    for name, value in want.items():
-        assert got[name].dtype == value.dtype and got[name].device == value.device, name
-        assert torch.equal(got[name], value), name
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", MODELS)
 def test_real_models_replay_bit_for_bit(name, dtype):
@@ -62,7 +51,7 @@ def test_real_models_replay_bit_for_bit(name, dtype):
         report = torchinit.materialize(model)
     assert report.from_record and not report.from_init and not report.kept
     reference = eager(build, dtype)
-    assert_same(model, reference)
+    assert_bitwise_equal(model, reference)
     assert {n: id(t) for n, t in tensors(model).items()} == ids, "the same Parameter and buffer objects"
     if name == "torch-layers":  # RNN keeps a list of its weights: it must hold the parameters, not fakes
         x = torch.randn(2, 3, 4, dtype=dtype)
@@ -108,7 +97,7 @@ def test_hard_cases_replay_bit_for_bit():
     outside.add_(1)  # changing it later changes nothing: the record holds a copy
     torchinit.materialize(model)
     reference = eager(lambda: Hard(original), torch.float32)
-    assert_same(model, reference)
+    assert_bitwise_equal(model, reference)
     assert torch.equal(model.plain, reference.plain) and model.plain.device.type == "cpu"
 
 
@@ -136,7 +125,7 @@ def test_explicit_generators_replay_from_their_recorded_state():
 
     model = recorded(build)
     torchinit.materialize(model)
-    assert_same(model, eager(build, torch.float32))
+    assert_bitwise_equal(model, eager(build, torch.float32))
 
 
 def test_partial_replay_then_the_rest():
@@ -144,7 +133,7 @@ def test_partial_replay_then_the_rest():
     model = recorded(build)
     torchinit.materialize(model.model.layers[1])  # later in the record: what comes before is kept for later
     torchinit.materialize(model)
-    assert_same(model, eager(build, torch.float32))
+    assert_bitwise_equal(model, eager(build, torch.float32))
     assert records_of(model) is None, "every value handed out: the record is released"
 
 
@@ -239,7 +228,7 @@ def test_cuda_replay_equals_eager_on_cuda(name):
     build = MODELS[name]
     model = recorded(build, device="cuda", dtype=torch.bfloat16)
     torchinit.materialize(model, "cuda")
-    assert_same(model, eager(build, torch.bfloat16, device="cuda"))
+    assert_bitwise_equal(model, eager(build, torch.bfloat16, device="cuda"))
 
 
 def bundled_llama():
@@ -262,28 +251,18 @@ def test_replay_holds_about_one_full_tensor_at_a_time(build):
 
 def fsdp_shards(build, change=None, empty_init=None, after_setup=None) -> list[dict[str, torch.Tensor]]:
     """FSDP with 2 ranks (the fake process group, in this process): each rank's local shards."""
-    import torch.distributed as dist
-    from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from torchinit.launch import Ranks
+    def rank(fabric):
+        with fabric.init_module(empty_init=empty_init):
+            module = build()
+        if change is not None:
+            change(module)
+        model = fabric.setup(module)
+        if after_setup is not None:
+            after_setup(fabric, model)
+        return {n: p.to_local().detach().clone() for n, p in model.named_parameters()}
 
-    shards = []
-    for rank in range(2):
-        fabric = torchinit.Fabric(accelerator="cpu", strategy="fsdp", devices=2, precision="bf16-true", seed=0)
-        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=2)
-        try:
-            fabric._ranks, fabric._launched = Ranks(rank, rank, 0, 2), True
-            with fabric.init_module(empty_init=empty_init):
-                module = build()
-            if change is not None:
-                change(module)
-            model = fabric.setup(module)
-            if after_setup is not None:
-                after_setup(fabric, model)
-            shards.append({n: p.to_local().detach().clone() for n, p in model.named_parameters()})
-        finally:
-            dist.destroy_process_group()
-    return shards
+    return on_fake_ranks(2, rank, precision="bf16-true", seed=0)
 
 
 def stacked(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -351,3 +330,11 @@ def test_fake_tensors_left_in_containers_are_named():
         with torchinit.RecordContext("cpu"):
             model = Cache()
     assert model.weight.device.type == "meta"
+
+
+def test_modules_from_two_records_each_replay_their_own():
+    first, second = recorded(MODELS["llama"], seed=0), recorded(MODELS["gpt2"], seed=1)
+    combined = nn.ModuleDict({"first": first, "second": second})
+    torchinit.materialize(combined)
+    assert_bitwise_equal(first, eager(MODELS["llama"], torch.float32, seed=0))
+    assert_bitwise_equal(second, eager(MODELS["gpt2"], torch.float32, seed=1))
