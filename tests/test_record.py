@@ -101,6 +101,17 @@ def test_hard_cases_replay_bit_for_bit():
     assert torch.equal(model.plain, reference.plain) and model.plain.device.type == "cpu"
 
 
+def test_placeholders_keep_user_attributes_and_nothing_of_the_fake_tensor():
+    def build():
+        m = nn.Linear(4, 4)
+        m.weight.no_decay = True
+        return m
+
+    model = recorded(build)
+    torchinit.materialize(model)
+    assert vars(model.weight) == {"no_decay": True} and vars(model.bias) == {}
+
+
 def test_replay_leaves_the_random_stream_alone():
     torch.manual_seed(0)
     before = torch.get_rng_state()

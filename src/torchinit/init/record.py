@@ -393,7 +393,7 @@ def _finish(recorder: _OpRecorder, modules: list[nn.Module], dtype: torch.dtype 
             want = dtype if cast and dtype is not None and fake.is_floating_point() else fake.dtype
             data = torch.empty_strided(fake.shape, fake.stride(), dtype=want, device="meta")
             made = nn.Parameter(data, fake.requires_grad) if as_param else data.requires_grad_(fake.requires_grad)
-            made.__dict__.update({k: v for k, v in fake.__dict__.items() if k not in _FAKE_ATTRIBUTES})
+            made.__dict__.update({k: v for k, v in fake.__dict__.items() if k not in _fake_attributes()})
             placeholders[id(fake)] = made
             targets[id(made)] = (made, recorder.ref(fake))
         return made
@@ -430,8 +430,13 @@ def _finish(recorder: _OpRecorder, modules: list[nn.Module], dtype: torch.dtype 
     recorder.node_of.clear()
 
 
-_FAKE_ATTRIBUTES = frozenset(["fake_device", "fake_mode", "constant", "_nonzero_memo", "_nonzero_memo_vc",
-                              "_unique_memo", "_unique_memo_vc", "_is_param", "pytype", "dispatch_keys"])
+@functools.cache
+def _fake_attributes() -> frozenset[str]:
+    """What FakeTensor keeps in a tensor's __dict__ (its mode, device, memos): not the user's, not copied."""
+    fake = FakeTensorMode().from_tensor(torch.empty(0))
+    return frozenset(vars(fake)) | {"_is_param"}
+
+
 _RECORDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
