@@ -32,7 +32,7 @@ from torchinit.init.construct import _aliased_result, _written_args
 from torchinit.init.context import poison_enabled
 from torchinit.init.record import records_of
 from torchinit.materialize import unwritten
-from torchinit.materialize.memory import check_fits
+from torchinit.materialize.memory import Need, check_fits, local_nbytes, warm_up
 from torchinit.materialize.verify import _names, tie_groups, verify
 
 InitFn = Callable[[nn.Module], None]
@@ -251,19 +251,15 @@ def _final_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
 
 
 def _preflight(slots: list[_Slot], device: torch.device | None, dtype: torch.dtype | None) -> None:
-    needed: dict[torch.device, int] = {}
-    largest: dict[torch.device, tuple[str, int]] = {}
+    """What THIS process will hold: the local part of each tensor that gets memory (a DTensor's shard, not its
+    global size), plus the largest full tensor a replay computes before keeping its part."""
+    grows = []
     for slot in slots:
         t = slot.tensor
         where = device if device is not None else t.device
-        grows = where != t.device or (t.device.type == "meta")
-        if not grows:
-            continue
-        nbytes = t.numel() * torch.empty((), dtype=_final_dtype(t, dtype), device="meta").element_size()
-        needed[where] = needed.get(where, 0) + nbytes
-        if nbytes >= largest.get(where, ("", -1))[1]:
-            largest[where] = (slot.name, nbytes)
-    check_fits(needed, largest)
+        if where != t.device or t.device.type == "meta":
+            grows.append(Need(slot.name, where, t, _final_dtype(t, dtype), slot.source == "recorded"))
+    check_fits(grows)
 
 
 # ---- 4. allocate -------------------------------------------------------------------------------------
@@ -282,7 +278,7 @@ def _allocate(slots, device, dtype, undo: list) -> int:
                 undo.append(unwritten.pending_restorer(t))
             continue
         todo.append((slot, where, want))
-    _warm_up([(where, slot.tensor.numel() * want.itemsize) for slot, where, want in todo])
+    warm_up([(where, local_nbytes(slot.tensor, want)) for slot, where, want in todo])
     total = 0
     for slot, where, want in todo:
         t = slot.tensor
@@ -291,26 +287,8 @@ def _allocate(slots, device, dtype, undo: list) -> int:
             fresh.fill_(float("nan"))
         undo.append(_swap_in(t, fresh))
         slot.memory = fresh
-        total += fresh.numel() * fresh.element_size()
+        total += local_nbytes(fresh, want)
     return total
-
-
-def _warm_up(sizes: list[tuple[torch.device, int]]) -> None:
-    """Grow each GPU's caching allocator once, by what the tensors about to be allocated there take, and free it
-    back to the cache: the tensors are then split off that one block instead of costing a cudaMalloc each.
-
-    Only requests over 1 MiB come from the allocator's large pool (where the block goes); each is rounded up to
-    512 bytes there.
-    """
-    need: dict[torch.device, int] = {}
-    for where, nbytes in sizes:
-        if where.type == "cuda" and nbytes > 2**20:
-            need[where] = need.get(where, 0) + -(-nbytes // 512) * 512
-    for where, nbytes in need.items():
-        try:
-            torch.empty(nbytes, dtype=torch.uint8, device=where)  # dropped at once: the block stays cached
-        except torch.cuda.OutOfMemoryError:
-            pass  # only a speed-up: the pre-flight passed, so the tensors are allocated one by one as before
 
 
 def _swap_in(t: torch.Tensor, fresh: torch.Tensor) -> Callable[[], None]:

@@ -86,6 +86,12 @@ class _Replayer:
             self.held += self.live[memory]
             self.peak = max(self.peak, self.held)
 
+    def _keep_outputs(self, nodes, out) -> None:
+        leaves = [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
+        for node, leaf in zip(nodes, leaves, strict=False):
+            if node is not None:
+                self._keep(node, leaf)
+
     def _free(self, memory: int) -> None:
         for node in self.nodes_of_memory.pop(memory, ()):
             self.env.pop(node, None)
@@ -115,11 +121,8 @@ class _Replayer:
                     self.freed.discard(memory)
                     size, stride, _, dtype = record.layout[memory]
                     self._keep(memory, torch.empty_strided(size, stride, dtype=dtype, device=record.device))
-                out = op.func(*self.decode(op.args), **self.decode(op.kwargs))
-                leaves = [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
-                for node, leaf in zip(op.outs, leaves, strict=False):
-                    if node is not None:
-                        self._keep(node, leaf)
+                # in a call of its own: no local here keeps an output alive once its memory is freed below
+                self._keep_outputs(op.outs, op.func(*self.decode(op.args), **self.decode(op.kwargs)))
                 self.cursor += 1
                 for memory in op.memory:
                     if self.finish_at[memory] == i:

@@ -153,23 +153,58 @@ def check_optimizer(optimizer: torch.optim.Optimizer, model_set_up: bool = True)
         )
 
 
-def setup_optimizer(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None):
-    """With a grad scaler, `step()` must go through it; otherwise the optimizer needs nothing on one device.
+def setup_optimizer(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> torch.optim.Optimizer:
+    """With a grad scaler, `step()` must go through it (`ScaledOptimizer`); otherwise the optimizer is returned.
 
-    The wrapper is an instance of a subclass of the optimizer's own class sharing its `__dict__`, so
-    `isinstance` checks (LR schedulers) and all state are those of the original.
-    """
+    The wrapper's class also derives from the optimizer's own (`isinstance(opt, torch.optim.SGD)` holds)."""
     if scaler is None:
         return optimizer
     cls = type(optimizer)
+    scaled = type(f"Scaled{cls.__name__}", (ScaledOptimizer, cls), {"__module__": __name__})
+    return scaled(optimizer, scaler)
+
+
+class ScaledOptimizer(torch.optim.Optimizer):
+    """The optimizer, stepped through a grad scaler (16-mixed): `step()` unscales the gradients, skips the step on
+    inf/NaN and updates the scale.
+
+    Composition, not a shared `__dict__`: an LR scheduler patches `step` on the object it is given, so on a
+    shared dict a scheduler made on the wrapper recursed forever and one made before `setup` bypassed the scaler.
+    `param_groups`, `state` and `defaults` are the optimizer's own objects, so schedulers change its learning
+    rates; `state_dict` / `load_state_dict` / `add_param_group` / `zero_grad` are its own.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler):  # no super(): no state
+        self.optimizer, self.scaler = optimizer, scaler
+
+    param_groups = property(lambda self: self.optimizer.param_groups,
+                            lambda self, groups: setattr(self.optimizer, "param_groups", groups))
+    state = property(lambda self: self.optimizer.state)
+    defaults = property(lambda self: self.optimizer.defaults)
 
     def step(self, closure=None):
         if closure is not None:
             raise ValueError("optimizer.step(closure) is not supported with precision='16-mixed' (grad scaler).")
-        result = scaler.step(optimizer)
-        scaler.update()
+        result = self.scaler.step(self.optimizer)
+        self.scaler.update()
         return result
 
-    wrapped = object.__new__(type(f"Fabric{cls.__name__}", (cls,), {"step": step}))
-    wrapped.__dict__ = optimizer.__dict__
-    return wrapped
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.optimizer.load_state_dict(state_dict)
+
+    def add_param_group(self, param_group: dict) -> None:
+        self.optimizer.add_param_group(param_group)
+
+    def __getattr__(self, name: str):  # hooks, options and methods of the optimizer's own class
+        if name == "optimizer":  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.optimizer, name)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.optimizer!r})"
