@@ -450,3 +450,34 @@ def fsdp_reload(fabric, path):
     extra = fabric.load(path, state, strict=False)  # the folder also holds "info"
     moments = {name: optimizer.state[p]["exp_avg"].full_tensor() for name, p in model.named_parameters()}
     return {"loaded": _full(model), "moments": moments, "step": state["step"], "extra": extra}
+
+
+def deepspeed_budget(fabric):
+    """ZeRO-3 from a record: what the pre-flight plans to leave on this rank, against what the rank receives; and a
+    model whose partitions cannot fit this machine is refused before anything is allocated."""
+    import psutil
+
+    from torchinit.materialize.memory import budget
+    from torchinit.strategies.deepspeed import param_dtype, partition_needs
+
+    with fabric.init_module(empty_init=True):
+        module = PostInit()
+    needs = partition_needs(module, fabric.device, param_dtype(fabric.plan))
+    planned = sum(need.held for need in needs)
+    fabric.setup(module)
+    received = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in module.parameters())
+    received += sum(b.nbytes for b in module.buffers())
+    # 8 layers of side x side bf16: each rank's partitions plus one layer in full (and its fp32 work tensor) are
+    # more than this machine has, one layer in full is not
+    side = int((psutil.virtual_memory().total / 10) ** 0.5)
+    with fabric.init_module(empty_init=True):
+        huge = nn.Sequential(*[nn.Linear(side, side, bias=False) for _ in range(8)])
+    rss = psutil.Process().memory_info().rss
+    try:
+        fabric.setup(huge)
+        refused = None
+    except torchinit.InsufficientMemoryError as exc:
+        refused = str(exc)
+    return {"planned": planned, "received": received, "refused": refused,
+            "grew": psutil.Process().memory_info().rss - rss,
+            "huge": budget(partition_needs(huge, fabric.device, torch.bfloat16))[fabric.device]}

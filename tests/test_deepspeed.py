@@ -6,6 +6,7 @@ import pytest
 import torch
 from dist_workers import (
     PostInit,
+    deepspeed_budget,
     deepspeed_errors,
     deepspeed_replaced_layer,
     deepspeed_tied_llama,
@@ -104,3 +105,15 @@ def test_deepspeed_config_follows_the_precision():
         ds.param_dtype(torchinit.Fabric(accelerator="cpu", strategy="deepspeed", precision="64-true").plan)
     with pytest.raises(ValueError, match="stages are 1, 2 and 3"):
         torchinit.DeepSpeedStrategy(stage=4)
+
+
+def test_zero3_budgets_what_a_rank_receives():
+    """The ZeRO-3 pre-flight counts each rank's partitions (not the model's size) and refuses up front."""
+    fabric = torchinit.Fabric(accelerator="cpu", strategy="deepspeed_stage_3", devices=2, precision="bf16-true")
+    result = fabric.launch(deepspeed_budget)
+    assert result["planned"] == result["received"] > 0
+    assert "needs" in result["refused"] and "nothing was allocated" in result["refused"], result
+    assert result["grew"] < 256 * 2**20
+    import psutil
+
+    assert result["huge"] > psutil.virtual_memory().total

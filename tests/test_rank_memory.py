@@ -85,7 +85,7 @@ def test_the_budget_and_the_report_count_the_ranks_local_bytes(world):
     from tests.conftest import on_fake_ranks
     from torchinit import materialize
     from torchinit.init.record import records_of
-    from torchinit.materialize.memory import Need, budget, local_nbytes
+    from torchinit.materialize.memory import Need, budget, local_nbytes, work_nbytes
 
     def rank_view(fabric):
         with fabric.init_module(empty_init=True):
@@ -94,7 +94,8 @@ def test_the_budget_and_the_report_count_the_ranks_local_bytes(world):
         fully_shard(model, mesh=init_device_mesh("cpu", (fabric.world_size,)))
         for name, p in model.named_parameters():
             recorded.rebind(before[name], p)
-        needs = [Need(n, torch.device("cpu"), p, torch.bfloat16, replayed=True) for n, p in model.named_parameters()]
+        needs = [Need(n, torch.device("cpu"), local_nbytes(p, torch.bfloat16), work_nbytes(p, torch.bfloat16))
+                 for n, p in model.named_parameters()]
         planned = budget(needs)[torch.device("cpu")]
         report = materialize(model, "cpu", torch.bfloat16, recorded=recorded)
         held = sum(p.to_local().nbytes for p in model.parameters())

@@ -32,7 +32,7 @@ from torchinit.init.construct import _aliased_result, _written_args
 from torchinit.init.context import poison_enabled
 from torchinit.init.record import records_of
 from torchinit.materialize import unwritten
-from torchinit.materialize.memory import Need, check_fits, local_nbytes, warm_up
+from torchinit.materialize.memory import Need, check_fits, local_nbytes, warm_up, work_nbytes
 from torchinit.materialize.verify import _names, tie_groups, verify
 
 InitFn = Callable[[nn.Module], None]
@@ -258,7 +258,9 @@ def _preflight(slots: list[_Slot], device: torch.device | None, dtype: torch.dty
         t = slot.tensor
         where = device if device is not None else t.device
         if where != t.device or t.device.type == "meta":
-            grows.append(Need(slot.name, where, t, _final_dtype(t, dtype), slot.source == "recorded"))
+            want = _final_dtype(t, dtype)
+            full = work_nbytes(t, want) if slot.source == "recorded" else 0
+            grows.append(Need(slot.name, where, local_nbytes(t, want), full))
     check_fits(grows)
 
 

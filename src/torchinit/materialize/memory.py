@@ -34,14 +34,14 @@ def free_memory(device: torch.device) -> tuple[int, int] | None:
 
 @dataclass
 class Need:
-    """One tensor about to get memory: `tensor` (meta, real or a DTensor) will be `dtype` on `device`;
-    `replayed` tensors are computed in full (in at least fp32) before this process keeps its part."""
+    """Memory one tensor (or one module) is about to take on `device`: `held` bytes kept by this process, and
+    `transient` bytes it needs while being computed (a replay computes a sharded tensor in full, in at least
+    fp32, before keeping its part; 0 when it is written in place)."""
 
     name: str
     device: torch.device
-    tensor: torch.Tensor
-    dtype: torch.dtype
-    replayed: bool = False
+    held: int
+    transient: int = 0
 
 
 def local_nbytes(t: torch.Tensor, dtype: torch.dtype | None = None) -> int:
@@ -50,10 +50,21 @@ def local_nbytes(t: torch.Tensor, dtype: torch.dtype | None = None) -> int:
     return local.numel() * (dtype or t.dtype).itemsize
 
 
-def transient_nbytes(t: torch.Tensor, dtype: torch.dtype) -> int:
+def work_nbytes(t: torch.Tensor, dtype: torch.dtype) -> int:
     """The full tensor a replay computes for `t`: its global size, in the work dtype (floats at least fp32)."""
     itemsize = max(dtype.itemsize, 4) if dtype.is_floating_point else dtype.itemsize
     return t.numel() * itemsize
+
+
+def budget(needs: list[Need]) -> dict[torch.device, int]:
+    """The bytes each device must have free: everything held, plus the largest transient beyond what its own
+    tensor holds (one is computed at a time)."""
+    held: dict[torch.device, int] = {}
+    extra: dict[torch.device, int] = {}
+    for need in needs:
+        held[need.device] = held.get(need.device, 0) + need.held
+        extra[need.device] = max(extra.get(need.device, 0), need.transient - need.held)
+    return {device: nbytes + extra[device] for device, nbytes in held.items()}
 
 
 def check_fits(needs: list[Need]) -> None:
@@ -61,9 +72,9 @@ def check_fits(needs: list[Need]) -> None:
     needed = budget(needs)
     largest: dict[torch.device, tuple[str, int]] = {}
     for need in needs:
-        nbytes = local_nbytes(need.tensor, need.dtype)
-        if nbytes >= largest.get(need.device, ("", -1))[1]:
-            largest[need.device] = (need.name, nbytes)
+        size = max(need.held, need.transient)
+        if size >= largest.get(need.device, ("", -1))[1]:
+            largest[need.device] = (need.name, size)
     for device, nbytes in needed.items():
         measured = free_memory(device)
         if measured is None or nbytes <= measured[0]:
@@ -72,29 +83,16 @@ def check_fits(needs: list[Need]) -> None:
         name, biggest = largest[device]
         if biggest > total:
             raise InsufficientMemoryError(
-                f"The plan cannot place {name} ({_gib(biggest)}) on {device}: that one tensor is larger than the "
+                f"The plan cannot place {name} ({_gib(biggest)}) on {device}: that alone is larger than the "
                 f"whole device ({_gib(total)}). Nothing was allocated. Shard it across devices "
                 "(strategy='fsdp' or 'deepspeed_stage_3') or use a smaller precision ('bf16-true' halves fp32)."
             )
         raise InsufficientMemoryError(
             f"Materializing needs {_gib(nbytes)} on {device}, but only {_gib(free)} of {_gib(total)} is free; "
-            f"nothing was allocated. The largest tensor is {name} ({_gib(biggest)}). To fit: use a smaller "
+            f"nothing was allocated. The largest part is {name} ({_gib(biggest)}). To fit: use a smaller "
             "precision ('bf16-true' or '16-true' halve fp32), a sharded strategy ('fsdp', 'deepspeed_stage_3') "
             "over more devices, or free memory on the device."
         )
-
-
-def budget(needs: list[Need]) -> dict[torch.device, int]:
-    """The bytes each device must have free: the local parts, plus the largest full tensor a replay computes there
-    beyond its local part (one at a time)."""
-    out: dict[torch.device, int] = {}
-    extra: dict[torch.device, int] = {}
-    for need in needs:
-        nbytes = local_nbytes(need.tensor, need.dtype)
-        out[need.device] = out.get(need.device, 0) + nbytes
-        if need.replayed:
-            extra[need.device] = max(extra.get(need.device, 0), transient_nbytes(need.tensor, need.dtype) - nbytes)
-    return {device: nbytes + extra.get(device, 0) for device, nbytes in out.items()}
 
 
 def warm_up(sizes: list[tuple[torch.device, int]]) -> None:

@@ -31,6 +31,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from torchinit.init.construct import _aliased_result, _written_args
 from torchinit.materialize.materialize import _init_for, _post_order, materialize
+from torchinit.materialize.memory import Need, check_fits, work_nbytes
 from torchinit.plan import DeepSpeedStrategy, Plan
 
 if TYPE_CHECKING:
@@ -185,11 +186,32 @@ def partition_recorded(module: nn.Module, plan: Plan, options: DeepSpeedStrategy
     comes up is kept until then).
     """
     deepspeed, cfg, dtype = _deepspeed(), config(plan, options), param_dtype(plan)
+    check_fits(partition_needs(module, plan.device, dtype))
     for _, owner in _post_order(module):
         own = [*owner._parameters.values(), *owner._buffers.values()]
         if any(t is not None and t.device.type == "meta" for t in own):
             materialize(owner, plan.device, dtype, recorded=recorded, check_values=False)
             deepspeed.zero.Init(module=owner, config_dict_or_path=cfg)
+
+
+def partition_needs(module: nn.Module, device: torch.device, dtype: torch.dtype) -> list[Need]:
+    """What `partition_recorded` leaves on this rank, module by module: each meta parameter's partition
+    (`ceil(numel / world)` elements, as DeepSpeed cuts them) and each meta buffer in full (ZeRO-3 does not
+    partition buffers); on the way, the module's own tensors in full plus the replay's largest work tensor."""
+    world = torch.distributed.get_world_size()
+    needs = []
+    for path, owner in _post_order(module):
+        params = [p for p in owner._parameters.values() if p is not None and p.device.type == "meta"]
+        buffers = [b for b in owner._buffers.values() if b is not None and b.device.type == "meta"]
+        if not params and not buffers:
+            continue
+        final = [dtype if t.is_floating_point() else t.dtype for t in (*params, *buffers)]
+        full = [t.numel() * d.itemsize for t, d in zip((*params, *buffers), final, strict=True)]
+        held = sum(-(-p.numel() // world) * d.itemsize for p, d in zip(params, final, strict=False))
+        held += sum(full[len(params):])
+        work = max(work_nbytes(t, d) for t, d in zip((*params, *buffers), final, strict=True))
+        needs.append(Need(f"module '{path or '<root>'}'", device, held, sum(full) + work))
+    return needs
 
 
 def _keep_partition(param: nn.Parameter, full: torch.Tensor) -> None:
