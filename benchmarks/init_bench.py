@@ -24,7 +24,7 @@ from common import parse_args, run_all
 from torch import nn
 
 import torchinit
-from torchinit.demo import DTYPES, Probe, build_naive
+from torchinit.demo import DTYPES, Probe, build_eager, build_naive
 from torchinit.models import Llama, LlamaConfig, config_for, num_parameters
 
 CHEAP_SECONDS = 10.0  # a warm-up slower than this is the measurement; no repeats
@@ -127,6 +127,9 @@ def _run_case(case: str, size: str, device: str, precision: str, repeat: int, wo
                 built = build()
     result = probe.result()
     result["first"], result["runs"] = first, len(probe.times)
+    if case == "naive" and target.type != "cpu":  # the reference is eager ON the device (CUDA's random stream)
+        del built
+        built = build_eager(cfg, target, DTYPES[precision])
     result["checksum"] = checksum(built) if CASES[case].compare else None
     if case == "naive":
         torch.save(built.state_dict(), checkpoint)

@@ -481,3 +481,24 @@ def deepspeed_budget(fabric):
     return {"planned": planned, "received": received, "refused": refused,
             "grew": psutil.Process().memory_info().rss - rss,
             "huge": budget(partition_needs(huge, fabric.device, torch.bfloat16))[fabric.device]}
+
+
+def fsdp_cpu_offload(fabric, record):
+    """FSDP2 with CPU offload on a GPU: the shards end on the (pinned) CPU, a step trains, the ranks' process
+    group knows its GPU (nccl device_id). Returns what the test checks."""
+    from torch.distributed.distributed_c10d import _get_default_group
+
+    fabric.plan = dataclasses.replace(fabric.plan, options=dataclasses.replace(fabric.plan.options,
+                                                                               record_init=record))
+    with fabric.init_module(empty_init=True):
+        module = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.Linear(32, 4))
+    model = fabric.setup(module)
+    optimizer = fabric.setup_optimizers(torch.optim.SGD(model.parameters(), lr=0.1))
+    devices = {p.to_local().device.type for p in model.parameters()}
+    before = [p.to_local().clone() for p in model.parameters()]
+    loss = model(torch.randn(3, 16, device=fabric.device)).float().pow(2).mean()
+    fabric.backward(loss)
+    optimizer.step()
+    moved = any(not torch.equal(a, p.to_local()) for a, p in zip(before, model.parameters(), strict=True))
+    return {"devices": devices, "pinned": all(p.to_local().is_pinned() for p in model.parameters()),
+            "moved": moved, "bound": str(_get_default_group().bound_device_id)}

@@ -81,3 +81,40 @@ def test_materializing_on_cuda_grows_the_allocator_once():
     torchinit.materialize(model, "cuda", check_values=False)
     assert torch.cuda.memory_stats()["segment.large_pool.allocated"] - segments == 1  # one cudaMalloc, not eight
     assert torch.cuda.memory_reserved() - reserved >= 8 * 2048 * 2048 * 4
+
+
+def test_record_context_on_cuda_in_a_fresh_process():
+    """Before CUDA's lazy init `torch.cuda.default_generators` is empty: the record context initializes CUDA."""
+    import subprocess
+    import sys
+
+    code = ("import torch, torchinit\n"
+            "with torchinit.RecordContext('cuda:0'):\n"
+            "    m = torch.nn.Linear(4, 4)\n"
+            "torchinit.materialize(m, 'cuda:0')\n"
+            "print(m.weight.device)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "cuda:0" in out.stdout, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("record", [True, False], ids=["recorded", "unit-by-unit"])
+def test_fsdp_cpu_offload_keeps_the_shards_on_the_cpu(record):
+    from dist_workers import fsdp_cpu_offload
+
+    strategy = torchinit.FSDPStrategy(wrap={torch.nn.Linear}, cpu_offload=True)  # children sharded before parents
+    fabric = torchinit.Fabric(accelerator="cuda", devices=1, strategy=strategy)
+    got = fabric.launch(fsdp_cpu_offload, record)
+    assert got["devices"] == {"cpu"} and got["pinned"] and got["moved"], got
+    assert got["bound"] == "cuda:0", "nccl is given the rank's device"
+
+
+def test_loads_share_one_side_stream_per_gpu(tmp_path):
+    from safetensors.torch import save_file
+
+    from torchinit.checkpoint import safetensors as reader
+
+    save_file({"weight": torch.randn(4, 4), "bias": torch.randn(4)}, tmp_path / "m.safetensors")
+    for _ in range(3):
+        model = torch.nn.Linear(4, 4, device="cuda")
+        torchinit.load_checkpoint(model, tmp_path / "m.safetensors", device="cuda")
+    assert len(reader._SIDE_STREAMS) == 1

@@ -70,10 +70,12 @@ def join(plan: Plan, ranks: Ranks, init_method: str) -> Plan:
     plan = plan.for_local_rank(ranks.local_rank)
     if plan.device.type == "cuda":
         torch.cuda.set_device(plan.device)
-    backend = "nccl" if plan.device.type == "cuda" else "gloo"
+    cuda = plan.device.type == "cuda"
+    # nccl is told this rank's GPU up front: barriers then know it (no "devices used by this process are
+    # currently unknown" warning, no guessing device = rank)
     dist.init_process_group(
-        backend, init_method=init_method, rank=ranks.global_rank, world_size=ranks.world_size,
-        timeout=collective_timeout(),
+        "nccl" if cuda else "gloo", init_method=init_method, rank=ranks.global_rank, world_size=ranks.world_size,
+        timeout=collective_timeout(), **({"device_id": plan.device} if cuda else {}),
     )
     return plan
 

@@ -217,6 +217,17 @@ class _Copier:
         pass
 
 
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One copy stream per GPU for the process: torch keeps a pool of 32 streams per device, each holding its own
+    cached blocks, so a stream per load would cycle through them all."""
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
+
+
 class _CudaCopier(_Copier):
     """Non-blocking copies from pinned slots on a side stream, so the GPU takes slot i while slot i + 1 is read.
 
@@ -226,7 +237,7 @@ class _CudaCopier(_Copier):
     """
 
     def __init__(self, device: torch.device, slots: int):
-        self.stream = torch.cuda.Stream(device)
+        self.stream = _side_stream(device)
         self.stream.wait_stream(torch.cuda.current_stream(device))  # the destinations' allocation and fill first
         self.copied = [torch.cuda.Event() for _ in range(slots)]
 

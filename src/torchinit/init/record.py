@@ -375,6 +375,7 @@ def _check_generators(record: Record) -> None:
 def _snapshot_rng(recorder: _OpRecorder, device: torch.device) -> None:
     recorder.generator(torch.default_generator)
     if device.type == "cuda":
+        torch.cuda.init()  # `default_generators` is empty until CUDA's lazy init (a fresh process: IndexError)
         index = device.index if device.index is not None else torch.cuda.current_device()
         recorder.generator(torch.cuda.default_generators[index])
 

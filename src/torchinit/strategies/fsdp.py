@@ -42,6 +42,8 @@ def shard(module: nn.Module, plan: Plan, options: FSDPStrategy) -> dict[int, nn.
     ties = tie_groups(module)
     kwargs = _shard_kwargs(plan, options)
     units = [*_units(module, options.wrap), module]
+    # offloaded shards live on the CPU (FSDP2 checks it, and pins them); a recorded init still draws on its device
+    device = torch.device("cpu") if options.cpu_offload else plan.device
     recorded = records_of(module)
     if recorded is not None and _covers_all_meta(module, recorded):
         for unit in units:
@@ -49,11 +51,11 @@ def shard(module: nn.Module, plan: Plan, options: FSDPStrategy) -> dict[int, nn.
         old = {name: p for name, p in before.values()}
         for name, p in module.named_parameters():
             recorded.rebind(old[name], p)
-        materialize(module, plan.device, plan.param_dtype, recorded=recorded, check_values=False)
+        materialize(module, device, plan.param_dtype, recorded=recorded, check_values=False)
     else:
         for unit in units:
             full = [p for p in unit.parameters() if not isinstance(p, DTensor)]
-            materialize(unit, plan.device, plan.param_dtype, check_values=False)
+            materialize(unit, device, plan.param_dtype, check_values=False)  # children sharded: kept where they are
             fully_shard(unit, **kwargs)
             for p in full:  # FSDP copied this rank's slice; the old objects stay only as keys for optimizers
                 p.data = torch.empty(0, dtype=p.dtype, device=p.device)
