@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
+import os
 from collections.abc import Callable
 
 import torch
@@ -46,3 +48,21 @@ def run_all(cases: dict, run_case: Callable[..., dict], *args: object) -> tuple[
             continue
         print(f"      {results[name]['seconds']:.3f} s (best of {results[name]['runs']})", flush=True)
     return results, notes
+
+
+def role(case: str) -> str:
+    """How the one-table report (gpu_check.py) rates a case by its key: torchinit's, a peer's, a floor, or naive."""
+    if case.startswith("floor"):
+        return "floor"
+    if case.startswith("torchinit"):
+        return "torchinit"
+    return "naive" if case in ("naive", "eager", "full-first") else "peer"
+
+
+def emit(rows: list[dict]) -> None:
+    """Write the benchmark's rows as JSON where TORCHINIT_BENCH_JSON says (gpu_check.py reads them). Each row:
+    case (label), key, role, seconds, and where known gib_s, rss_mib, device_mib, exact, floor (a key)."""
+    path = os.environ.get("TORCHINIT_BENCH_JSON")
+    if path:
+        with open(path, "w") as f:
+            json.dump([{"role": role(row["key"]), **row} for row in rows], f, indent=1)

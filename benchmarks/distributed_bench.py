@@ -7,6 +7,11 @@ model / world + the largest wrap unit + 10 %.
 
     python benchmarks/distributed_bench.py --size 1b --devices 2
     python benchmarks/distributed_bench.py --size 7b --device cuda --devices 1
+    python benchmarks/distributed_bench.py --larger-than-the-machine [--layers 26 --world 8]
+
+The last is one rank of a model larger than this machine: rank 0 of 8 under the fake process group (the others'
+collectives do nothing), 26 x nn.Linear(16384, 16384) in fp32 = 26 GiB, set up with FSDP from
+init_module(empty_init=True); its peak RSS next to the goal "shards + largest full tensor + 10 %".
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import time
 
 import psutil
 import torch
+from common import emit
 
 import torchinit
 from torchinit.demo import DTYPES, SIZES, resolve_device, run_isolated
@@ -96,13 +102,58 @@ def _largest_unit_mib(size: str, dtype: torch.dtype) -> float:
     return max(block, root) * dtype.itemsize / MiB
 
 
+def one_rank_of_a_model_larger_than_the_machine(layers: int, world: int) -> dict:
+    """Rank 0 of `world` (fake process group): FSDP setup of `layers` x Linear(16384, 16384) fp32 from
+    init_module(empty_init=True) (the default record path: each rank replays each full weight once)."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from torchinit.launch import Ranks
+
+    fabric = torchinit.Fabric(accelerator="cpu", strategy="fsdp", devices=world, precision="32-true", seed=0)
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    fabric._ranks, fabric._launched = Ranks(0, 0, 0, world), True
+    with fabric.init_module(empty_init=True):
+        model = torch.nn.Sequential(*[torch.nn.Linear(16384, 16384, bias=False) for _ in range(layers)])
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the peak (VmHWM) starts again from here
+    base = psutil.Process().memory_info().rss
+    start = time.perf_counter()
+    model = fabric.setup(model)
+    seconds = time.perf_counter() - start
+    with open("/proc/self/status") as f:
+        peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+    shards = sum(p.to_local().nbytes for p in model.parameters())
+    dist.destroy_process_group()
+    return {"seconds": seconds, "peak": peak - base, "shards": shards, "full": 16384 * 16384 * 4,
+            "model": layers * 16384 * 16384 * 4}
+
+
+def _larger_than_the_machine(layers: int, world: int) -> int:
+    GiB = 2**30
+    r = run_isolated(one_rank_of_a_model_larger_than_the_machine, layers, world)
+    goal = (r["shards"] + r["full"]) * 1.1
+    print(f"FSDP rank 0 of {world}: {layers} x Linear(16384, 16384) fp32 = {r['model'] / GiB:.2f} GiB "
+          f"(this machine: {psutil.virtual_memory().total / GiB:.1f} GiB)")
+    print(f"{'setup s':>8}{'shards GiB':>12}{'peak RSS +GiB':>15}{'goal GiB':>10}{'/ goal':>8}")
+    print(f"{r['seconds']:>8.1f}{r['shards'] / GiB:>12.2f}{r['peak'] / GiB:>15.2f}{goal / GiB:>10.2f}"
+          f"{r['peak'] / goal:>7.2f}x")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default="torchinit-fsdp,torchinit-zero3,full-first")
+    parser.add_argument("--larger-than-the-machine", action="store_true")
+    parser.add_argument("--layers", type=int, default=26)
+    parser.add_argument("--world", type=int, default=8)
     parser.add_argument("--size", default="1b", choices=SIZES)
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--precision", default="bf16-true", choices=list(DTYPES))
     args = parser.parse_args(argv)
+    if args.larger_than_the_machine:
+        return _larger_than_the_machine(args.layers, args.world)
     device, dtype = resolve_device(args.device), DTYPES[args.precision]
     model_mib = num_parameters(config_for(args.size)) * dtype.itemsize / MiB
     unit_mib = _largest_unit_mib(args.size, dtype)
@@ -112,12 +163,15 @@ def main(argv: list[str] | None = None) -> int:
 
     reference = run_isolated(single_process_materialize, args.size, device, args.precision)
     print(f"single-process meta + materialize: {reference:.2f} s", flush=True)
-    rows = {}
-    for name, strategy, fn in (
-        ("torchinit FSDP init_module(empty_init) + setup", "fsdp", torchinit_fsdp),
-        ("torchinit ZeRO-3 init_module(empty_init) + setup", "deepspeed_stage_3", torchinit_fsdp),
-        ("full model first, then FSDP setup", "fsdp", full_model_first),
+    rows, keys = {}, {}
+    for key, name, strategy, fn in (
+        ("torchinit-fsdp", "torchinit FSDP init_module(empty_init) + setup", "fsdp", torchinit_fsdp),
+        ("torchinit-zero3", "torchinit ZeRO-3 init_module(empty_init) + setup", "deepspeed_stage_3", torchinit_fsdp),
+        ("full-first", "full model first, then FSDP setup", "fsdp", full_model_first),
     ):
+        if key not in args.cases.split(","):
+            continue
+        keys[name] = key
         if strategy.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
             print(f"skipped {name}: deepspeed is not installed")
             continue
@@ -126,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
                                   precision=args.precision, seed=0)
         rows[name] = fabric.launch(fn, args.size)
 
+    emit([{"key": keys[name], "case": f"{name} (rank 0)", "seconds": ranks[0][0], "rss_mib": ranks[0][1],
+           "device_mib": ranks[0][2]} for name, ranks in rows.items()])
     print()
     print(f"{'case':<50}{'rank':>5}{'s':>9}{'/ 1-proc':>10}{'peak MiB':>11}{'/ target':>10}{'dev MiB':>10}"
           f"{'shard MiB':>11}")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from common import parse_args, run_all
+from common import emit, parse_args, run_all
 from torch import nn
 
 import torchinit
@@ -165,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         print(_format_row([CASES[name].label, *times, f"{r['rss_mib']:,.0f}", device_mib, *ratios, _verdict(r, naive)]))
     for note in notes:
         print(note)
+    emit([{"key": name, "case": CASES[name].label, "seconds": r["seconds"], "rss_mib": r["rss_mib"],
+           "device_mib": r["device_mib"], "floor": CASES[name].floor,
+           "exact": {"-": None, "exact": True}.get(_verdict(r, naive), False)}
+          for name, r in results.items()])
     return 0
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import psutil
 import torch
+from common import emit
 
 import torchinit
 from torchinit.demo import DTYPES, SIZES, resolve_device, run_isolated
@@ -180,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{CASES[case]:<48}{r['seconds']:>8.2f}{r['gib_s']:>8.2f}{ratio:>10}{r['rss_mib']:>10,.0f}")
     for note in notes:
         print(note)
+    emit([{"key": case, "case": CASES[case], "seconds": r["seconds"], "gib_s": r["gib_s"], "rss_mib": r["rss_mib"],
+           "floor": floor_case} for case, r in results.items()])
     return 0
 
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from common import parse_args, run_all
+from common import emit, parse_args, run_all
 from torch import nn
 
 import torchinit
@@ -112,9 +112,9 @@ def _quality(model: object, cfg, device: torch.device, dtype: torch.dtype) -> di
 def _run_case(case: str, size: str, device: str, precision: str, repeat: int) -> dict:
     cfg, target, dtype = config_for(size), torch.device(device), DTYPES[precision]
     probe = Probe(target)
-    built = None
+    built = given = None
     for _ in range(1 + repeat):
-        del built
+        del built, given  # both: `given` is the model a torchinit case materialized, alive until replaced
         gc.collect()
         if target.type == "cuda":
             torch.cuda.empty_cache()
@@ -149,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
                     *ratios, r["ties"], r["rope"], r["finite"]]))
     for note in notes:
         print(note)
+    emit([{"key": name, "case": CASES[name].label, "seconds": r["seconds"], "rss_mib": r["rss_mib"],
+           "device_mib": r["device_mib"], "floor": "floor",
+           "exact": None if r["ties"] == "-" else (r["ties"], r["rope"], r["finite"]) == ("kept", "exact", "yes")}
+          for name, r in results.items()])
     return 0
 
 

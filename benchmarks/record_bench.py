@@ -21,6 +21,7 @@ import sys
 import time
 
 import torch
+from common import emit
 from distributed_bench import MiB, _measure
 
 import torchinit
@@ -56,6 +57,7 @@ def record_times() -> list[tuple[str, float, float, int]]:
 
 
 def eager(size: str, device: str, dtype: torch.dtype) -> dict:
+    _start_cuda(device)
     start = time.perf_counter()
     torch.manual_seed(0)
     with torch.device(device):
@@ -66,6 +68,7 @@ def eager(size: str, device: str, dtype: torch.dtype) -> dict:
 
 
 def replay(size: str, device: str, dtype: torch.dtype) -> dict:
+    _start_cuda(device)
     start = time.perf_counter()
     torch.manual_seed(0)
     with torchinit.RecordContext(device, dtype):
@@ -74,6 +77,13 @@ def replay(size: str, device: str, dtype: torch.dtype) -> dict:
     torchinit.materialize(model, device, dtype, check_values=False)
     _sync(device)
     return {"seconds": time.perf_counter() - start, "record": recorded, "sum": _checksum(model)}
+
+
+def _start_cuda(device: str) -> None:
+    """CUDA's context (about a second) is made before a timer starts: neither case should pay for it."""
+    if device == "cuda":
+        torch.zeros(1, device=device)
+        torch.cuda.synchronize()
 
 
 def _sync(device: str) -> None:
@@ -108,41 +118,56 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--precision", default="bf16-true", choices=list(DTYPES))
+    parser.add_argument("--sections", default="1,2,3", help="which of 1 (record time), 2 (eager vs replay), 3 (FSDP)")
     args = parser.parse_args(argv)
+    sections = set(args.sections.split(","))
     device, dtype = resolve_device(args.device), DTYPES[args.precision]
     where = torch.cuda.get_device_name() if device == "cuda" else f"{torch.get_num_threads()} CPU threads"
     print(f"torch {torch.__version__}; {device} ({where})", flush=True)
 
-    print("\n1. record time (best of 3)")
-    print(f"{'model':<26}{'meta s':>9}{'record s':>10}{'ratio':>8}{'ops':>7}")
-    for name, meta, recorded, ops in run_isolated(record_times):
-        print(f"{name:<26}{meta:>9.3f}{recorded:>10.3f}{recorded / meta:>7.1f}x{ops:>7}")
+    if "1" in sections:
+        print("\n1. record time (best of 3)")
+        print(f"{'model':<26}{'meta s':>9}{'record s':>10}{'ratio':>8}{'ops':>7}")
+        for name, meta, recorded, ops in run_isolated(record_times):
+            print(f"{name:<26}{meta:>9.3f}{recorded:>10.3f}{recorded / meta:>7.1f}x{ops:>7}")
+    if "2" in sections:
+        _eager_vs_replay(args.size, device, dtype, args.precision)
+    if "3" in sections:
+        _fsdp(args.size, device, dtype, args.precision, args.devices)
+    return 0
 
-    params = num_parameters(config_for(args.size))
-    print(f"\n2. Llama {args.size} ({params / 1e6:,.0f}M parameters) on {device} in {args.precision}: eager vs replay")
-    base = run_isolated(eager, args.size, device, dtype)
-    again = run_isolated(replay, args.size, device, dtype)
+
+def _eager_vs_replay(size: str, device: str, dtype: torch.dtype, precision: str) -> None:
+    params = num_parameters(config_for(size))
+    print(f"\n2. Llama {size} ({params / 1e6:,.0f}M parameters) on {device} in {precision}: eager vs replay")
+    base = run_isolated(eager, size, device, dtype)
+    again = run_isolated(replay, size, device, dtype)
+    emit([{"key": "eager", "case": "eager construction + cast", "seconds": base["seconds"]},
+          {"key": "torchinit-replay", "case": "torchinit record + replay", "seconds": again["seconds"],
+           "exact": again["sum"] == base["sum"]}])
     print(f"eager construction + cast   {base['seconds']:8.2f} s   1.00x")
     print(f"record + replay             {again['seconds']:8.2f} s   {again['seconds'] / base['seconds']:.2f}x   "
           f"(record {again['record']:.3f} s)   bit-identical: {again['sum'] == base['sum']}")
 
+
+def _fsdp(size: str, device: str, dtype: torch.dtype, precision: str, devices: int) -> None:
+    params = num_parameters(config_for(size))
     with torch.device("meta"):
-        model = Llama(config_for(args.size))
+        model = Llama(config_for(size))
     largest = max(p.numel() for p in model.parameters()) * 4 / MiB  # replayed in fp32, then cast
-    shard = params * dtype.itemsize / args.devices / MiB
+    shard = params * dtype.itemsize / devices / MiB
     target = shard + largest
-    print(f"\n3. FSDP, {args.devices} rank(s): local shards {shard:,.0f} MiB + largest full parameter (fp32) "
+    print(f"\n3. FSDP, {devices} rank(s): local shards {shard:,.0f} MiB + largest full parameter (fp32) "
           f"{largest:,.0f} MiB = target {target:,.0f} MiB per rank")
     print(f"{'case':<44}{'rank':>5}{'s':>9}{'peak MiB':>10}{'/ target':>10}")
     for name, record, full_first in (("init_module() + setup (record, replay)", True, False),
                                      ("meta + reset_parameters (record_init=False)", False, False),
                                      ("full model first, then setup", True, True)):
-        fabric = torchinit.Fabric(accelerator=device, devices=args.devices, precision=args.precision, seed=0,
+        fabric = torchinit.Fabric(accelerator=device, devices=devices, precision=precision, seed=0,
                                   strategy=torchinit.FSDPStrategy(record_init=record))
-        for rank, (seconds, grown, dev, _) in enumerate(fabric.launch(fsdp_setup, args.size, record, full_first)):
+        for rank, (seconds, grown, dev, _) in enumerate(fabric.launch(fsdp_setup, size, record, full_first)):
             peak = dev if dev is not None else grown
             print(f"{name:<44}{rank:>5}{seconds:>9.2f}{peak:>10,.0f}{peak / target:>9.2f}x")
-    return 0
 
 
 if __name__ == "__main__":

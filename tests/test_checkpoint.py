@@ -1,5 +1,6 @@
 """Checkpoint loading: every format into real, empty-init and meta models, exactly; every bad input one clear error."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -245,6 +246,11 @@ def test_sharded_strategies_load_only_their_own_folders(tmp_path):
     with pytest.raises(torchinit.CheckpointError, match=r"model\.pt: not a folder that fabric\.save wrote under FSDP"
                                                          r".*fabric\.load_raw\(path, model\)"):
         fsdp.load(path, {"model": nn.Linear(2, 1)})
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed")
+def test_deepspeed_saves_through_its_engine_only(tmp_path):
+    path = write("pt", {"weight": torch.ones(1, 2), "bias": torch.ones(1)}, tmp_path)
     deepspeed = torchinit.Fabric(accelerator="cpu", strategy="deepspeed_stage_3")
     with pytest.raises(RuntimeError, match="engine, which does not exist yet"):
         deepspeed.save(tmp_path / "state", {"model": nn.Linear(2, 1)})

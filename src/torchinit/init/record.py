@@ -292,8 +292,8 @@ def _record_init_functions() -> Iterator[None]:
             if recorder is None or recorder.paused or not isinstance(tensor, FakeTensor):
                 return fn(tensor, *args, **kwargs)
             recorder.paused = True
-            try:  # validation only, on a plain meta tensor (the functions return early on meta)
-                with unset_fake_temporarily():
+            try:  # validation only, on a plain meta tensor; factories inside (sparse_'s randperm) on meta too,
+                with unset_fake_temporarily(), torch.device("meta"):  # so nothing is drawn for real
                     fn(torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device="meta"), *args,
                        **kwargs)
             finally:
