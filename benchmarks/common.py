@@ -21,6 +21,7 @@ def parse_args(doc: str, argv: list[str] | None) -> tuple[argparse.Namespace, st
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--precision", default="bf16-true", choices=list(DTYPES))
     parser.add_argument("--repeat", type=int, default=3, help="best of N after one warm-up, when cheap")
+    parser.add_argument("--cases", help="comma-separated subset of the cases (default: all)")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     params, dtype = num_parameters(config_for(args.size)), DTYPES[args.precision]
@@ -30,11 +31,18 @@ def parse_args(doc: str, argv: list[str] | None) -> tuple[argparse.Namespace, st
     return args, device
 
 
-def run_all(cases: dict, run_case: Callable[..., dict], *args: object) -> tuple[dict[str, dict], list[str]]:
-    """Run `run_case(name, *args)` for each case in a fresh process; skip cases whose `needs` are missing.
+def run_all(cases: dict, run_case: Callable[..., dict], *args: object, only: str | None = None,
+            ) -> tuple[dict[str, dict], list[str]]:
+    """Run `run_case(name, *args)` for each case (those named in `only`, comma-separated, if given) in a fresh
+    process; skip cases whose `needs` are missing.
 
     Returns the results and notes on what was skipped or failed (one broken peer must not hide the rest).
     """
+    if only:
+        unknown = set(only.split(",")) - set(cases)
+        if unknown:
+            raise SystemExit(f"unknown case(s): {', '.join(sorted(unknown))}; the cases are {', '.join(cases)}")
+        cases = {name: case for name, case in cases.items() if name in only.split(",")}
     results, notes = {}, []
     for step, (name, case) in enumerate(cases.items(), start=1):
         if case.needs and not any(importlib.util.find_spec(module) for module in case.needs):

@@ -138,7 +138,7 @@ def _row(cells: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args, device = parse_args(__doc__, argv)
-    results, notes = run_all(CASES, _run_case, args.size, device, args.precision, args.repeat)
+    results, notes = run_all(CASES, _run_case, args.size, device, args.precision, args.repeat, only=args.cases)
     print()
     print(_row(["case", "best s", "first s", "RSS +MiB", "dev MiB", "/ eager", "/ floor", "ties", "RoPE", "finite"]))
     for name, r in results.items():
