@@ -15,9 +15,8 @@ import torch.distributed as dist
 from torch import nn
 
 from torchinit import launch as launcher
-from torchinit.checkpoint import sharded
-from torchinit.checkpoint.formats import Checkpoint
-from torchinit.checkpoint.load import load_checkpoint, load_into
+from torchinit.checkpoint import restore, sharded
+from torchinit.checkpoint.load import load_checkpoint
 from torchinit.checkpoint.save import save_state
 from torchinit.init.context import InitContext
 from torchinit.init.record import RecordContext
@@ -196,34 +195,11 @@ class Fabric:
             if not state:
                 raise ValueError(f"fabric.load under strategy={self.plan.strategy!r} reads shards into the objects "
                                  "they belong to: pass state={'model': model, 'optimizer': optimizer, ...}.")
-            if self.plan.strategy == "fsdp":
-                return sharded.load_fsdp(path, state, strict, self.device, self.plan.param_dtype)
-            return sharded.load_deepspeed(path, state, strict, self._engine)
-        if Path(path).suffix == ".safetensors":
-            modules = {k: v for k, v in (state or {}).items() if isinstance(v, nn.Module)}
-            if len(modules) != 1:
-                raise ValueError(f"{path}: a .safetensors file holds one module; pass state={{'model': model}}.")
-            (name, module), = modules.items()
-            self.load_raw(path, module, strict=strict)
-            return {}
-        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            dtype = ds.param_dtype(self.plan) if self.plan.strategy == "deepspeed" else self.plan.param_dtype
+            return restore.load(path, state, strict, self.plan.strategy, self.device, dtype, self._engine)
         if state is None:
-            return saved
-        absent = [k for k in state if k not in saved]
-        if absent and strict:
-            raise KeyError(f"{path}: has no {absent}; it holds {sorted(saved)}. Pass strict=False to skip them.")
-        for key, obj in state.items():
-            if key not in saved:
-                continue
-            if isinstance(obj, nn.Module):
-                module = obj.module if isinstance(obj, single.FabricModule) else obj
-                load_into(module, Checkpoint.from_tensors(Path(path), saved[key]), strict=strict, device=self.device,
-                          dtype=self.plan.param_dtype)
-            elif isinstance(obj, torch.optim.Optimizer):
-                obj.load_state_dict(saved[key])
-            else:
-                state[key] = saved[key]
-        return {k: v for k, v in saved.items() if k not in state}
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return restore.load(path, state, strict, "plain", self.device, self.plan.param_dtype)
 
     # ---- load ------------------------------------------------------------------------------------
     def load_raw(self, path: str | os.PathLike, obj: nn.Module | torch.optim.Optimizer, strict: bool = True) -> Any:
