@@ -206,16 +206,17 @@ def open_zero(path: Path) -> ZeroFolder:
             for key, tensor in group.items():
                 flats[(key, rank, g)] = tensor
     module = states[0]["module"]
-    for name in [*states[0].get("buffer_names", []), *states[0].get("frozen_param_shapes", {})]:
-        if stage == 3 and name in states[0].get("frozen_param_shapes", {}):
-            shape = tuple(states[0]["frozen_param_shapes"][name])
+    frozen = states[0].get("frozen_param_shapes") or {}
+    for name in [*(states[0].get("buffer_names") or []), *frozen]:
+        if stage == 3 and name in frozen:
+            shape = tuple(frozen[name])
             entries[name] = torch.cat([s["frozen_param_fragments"][name] for s in states])[:math.prod(shape)] \
                 .view(shape)
         elif name in module:
             entries[name] = module[name]
     entries.update({name: Flat(flats[pieces[0][0]].dtype, shape, tuple(pieces))
                     for name, (shape, pieces) in layout.items()})
-    for alias, name in states[0].get("shared_params", {}).items():  # a tied parameter under its other name
+    for alias, name in (states[0].get("shared_params") or {}).items():  # a tied parameter under its other name
         if name in entries:
             entries[alias] = entries[name]
     model = FlatCheckpoint(path, entries, flats, files + model_files)
