@@ -147,3 +147,40 @@ def third_launch(fabric, folder):
     """World 1 again: the world-2 sources."""
     folder = Path(folder)
     return load_all(fabric, folder, torch.load(folder / "refs-w2.pt", weights_only=True))
+
+
+def _errors(cases: dict) -> dict:
+    out = {}
+    for name, fn in cases.items():
+        try:
+            fn()
+            out[name] = None
+        except Exception as error:  # noqa: BLE001 - the test asserts on the type and message
+            out[name] = f"{type(error).__name__}: {error}"
+    return out
+
+
+def load_errors(fabric, folder):
+    """What cannot be carried, and states that do not fit, into ZeRO-2 and a plain model: each an error that
+    changes nothing."""
+    folder = Path(folder)
+    saved = torch.load(folder / "w1-plain.pt", weights_only=True)
+    saved["optimizer"]["state"][1]["step"] = torch.tensor(7.0)  # one parameter stepped more often
+    torch.save(saved, folder / "uneven-step.pt")
+    out = {}
+    for kind in ("zero2", "plain"):
+        other = _fabric(fabric, kind)
+        module, model, optimizer = _build(other, 5)
+        before = _weights(other, module)
+        two_groups = torch.optim.AdamW([{"params": [p]} for p in module.parameters()], lr=1e-2)
+        cases = {
+            "safetensors optimizer": lambda: other.load(folder / "w2-weights.safetensors",
+                                                        {"model": model, "optimizer": optimizer}),
+            "uneven step": lambda: other.load(folder / "uneven-step.pt", {"model": model, "optimizer": optimizer}),
+        }
+        if kind == "plain":
+            cases["groups"] = lambda: other.load(folder / "w2-zero3", {"model": model, "optimizer": two_groups})
+            cases["uneven step"] = None
+        out[kind] = _errors({k: v for k, v in cases.items() if v is not None})
+        out[kind]["untouched"] = all(torch.equal(v, before[n]) for n, v in _weights(other, module).items())
+    return out

@@ -12,6 +12,7 @@ a value kept per flat partition, like Adam's `step`, must then be the same for a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -175,32 +176,42 @@ def restore_fsdp(optimizer: torch.optim.Optimizer, owner: nn.Module, saved: Save
 
 
 def restore_flat(partitions: list, base: torch.optim.Optimizer, groups: list[list[str]], saved: SavedOptimizer,
-                 names: dict[int, str]) -> None:
+                 names: dict[int, str]) -> Callable[[], None]:
     """DeepSpeed: `partitions` are (fp32 flat partition, [(parameter, first element, end, offset in the
-    partition)]); each partition's state is assembled from the parameters' saved values."""
+    partition)]); each partition's state is assembled from its parameters' saved values. Checks first (raising
+    before anything changes); returns the function that loads."""
     ids = saved.resolve(groups)
+    plans = []
     for flat, members in partitions:
-        state: dict[str, Any] = {}
         pids = [ids[names[id(p)]] for p, *_ in members]
         keys = {tuple(saved.keys_of(pid)) for pid in pids}
-        if len(keys) != 1:
+        if len(keys) > 1:
             raise CheckpointError(f"{saved.path}: the saved optimizer holds state for some parameters of a DeepSpeed "
                                   "partition but not for others; DeepSpeed keeps one state per partition.")
-        for key in keys.pop():
+        scalars, arrays = {}, []
+        for key in keys.pop() if keys else ():
             entries = [f"{pid}{SEP}{key}" for pid in pids]
             if all(len(saved.tensors.shape(e)) == 0 for e in entries):  # a per-partition scalar (Adam's step)
                 values = {float(saved.tensors[e]) for e in entries}
                 if len(values) != 1:
                     raise CheckpointError(
                         f"{saved.path}: the saved {key!r} differs between parameters ({sorted(values)[:4]}) that "
-                        "DeepSpeed keeps in one partition with one value: this state cannot be carried into it."
+                        "DeepSpeed keeps in one partition with one value: this optimizer state cannot be carried "
+                        "into DeepSpeed. Nothing was loaded."
                     )
-                state[key] = saved.tensors[entries[0]].clone()
-                continue
-            out = torch.zeros_like(flat)
-            saved.tensors.load_slices([(e, s, t, out[o:o + t - s]) for e, (_, s, t, o) in zip(entries, members)])
-            state[key] = out
-        state.update(saved.extras.get(pids[0], {}) if pids else {})
-        base.state[flat] = state
-    for index, group in enumerate(base.param_groups[:len(saved.groups)]):
-        group.update(saved.hyperparameters(index))
+                scalars[key] = saved.tensors[entries[0]].clone()
+            else:
+                arrays.append((key, entries))
+        plans.append((flat, members, scalars, arrays, saved.extras.get(pids[0], {}) if pids else {}))
+
+    def load() -> None:
+        for flat, members, scalars, arrays, extras in plans:
+            state = dict(scalars)
+            for key, entries in arrays:
+                out = torch.zeros_like(flat)
+                saved.tensors.load_slices([(e, s, t, out[o:o + t - s]) for e, (_, s, t, o) in zip(entries, members)])
+                state[key] = out
+            base.state[flat] = {**state, **extras}
+        for index, group in enumerate(base.param_groups[:len(saved.groups)]):
+            group.update(saved.hyperparameters(index))
+    return load

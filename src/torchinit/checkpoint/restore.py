@@ -51,13 +51,14 @@ def load(path: str | os.PathLike, state: dict[str, Any], strict: bool, target: s
         if zero.saved_layout(path) == (engine.options.stage, world):
             return sharded.load_deepspeed(path, state, strict, engine)
     source = _open(path, state)
-    present = sharded._present(path, state, source.held, strict)
-    modules, optimizers, _ = sharded._split(present)
-    all_modules = sharded._split(state)[0]
-    for key in optimizers:
+    wanted = sharded._split(state)[1] if strict else {}
+    for key in wanted:
         if key not in source.optimizers:
             raise CheckpointError(f"{path}: holds no optimizer state for {key!r}{source.no_optimizer}. Load the "
                                   f"model alone (drop {key!r} from the state, or strict=False). Nothing was loaded.")
+    present = sharded._present(path, state, source.held, strict)
+    modules, optimizers, _ = sharded._split(present)
+    all_modules = sharded._split(state)[0]
     plans = []  # everything checked before anything changes
     for key, module in modules.items():
         names, _ = match(module, source.modules[key], strict=strict)
@@ -80,10 +81,8 @@ def _restorer(path: Path, key: str, optimizer: Any, modules: dict[str, nn.Module
     if target == "deepspeed":
         owner = engine.module
         groups = param_groups(engine.groups, owner)
-        saved.resolve(groups)
         names = {id(p): n for n, p in owner.named_parameters()}
-        base = engine.engine.optimizer.optimizer
-        return lambda: restore_flat(engine.flat_partitions(), base, groups, saved, names)
+        return restore_flat(engine.flat_partitions(), engine.engine.optimizer.optimizer, groups, saved, names)
     owner = sharded._owner(path, key, optimizer, modules)
     saved.resolve(param_groups(optimizer, owner))
     restore = restore_fsdp if target == "fsdp" else restore_plain
