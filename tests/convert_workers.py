@@ -144,9 +144,10 @@ def second_launch(fabric, folder):
 
 
 def third_launch(fabric, folder):
-    """World 1 again: the world-2 sources."""
+    """World 1 again: the world-2 sources; then the error paths (as `("errors", None)`)."""
     folder = Path(folder)
-    return load_all(fabric, folder, torch.load(folder / "refs-w2.pt", weights_only=True))
+    out = load_all(fabric, folder, torch.load(folder / "refs-w2.pt", weights_only=True))
+    return out | {("errors", None): load_errors(fabric, folder)}
 
 
 def _errors(cases: dict) -> dict:
@@ -167,20 +168,20 @@ def load_errors(fabric, folder):
     saved = torch.load(folder / "w1-plain.pt", weights_only=True)
     saved["optimizer"]["state"][1]["step"] = torch.tensor(7.0)  # one parameter stepped more often
     torch.save(saved, folder / "uneven-step.pt")
-    out = {}
-    for kind in ("zero2", "plain"):
-        other = _fabric(fabric, kind)
-        module, model, optimizer = _build(other, 5)
-        before = _weights(other, module)
+    return {kind: _error_cases(fabric, folder, kind) for kind in ("zero2", "plain")}
+
+
+def _error_cases(fabric, folder: Path, kind: str) -> dict:
+    other = _fabric(fabric, kind)
+    module, model, optimizer = _build(other, 5)
+    before = _weights(other, module)
+    cases = {"safetensors optimizer": lambda: other.load(folder / "w2-weights.safetensors",
+                                                         {"model": model, "optimizer": optimizer})}
+    if kind == "plain":
         two_groups = torch.optim.AdamW([{"params": [p]} for p in module.parameters()], lr=1e-2)
-        cases = {
-            "safetensors optimizer": lambda: other.load(folder / "w2-weights.safetensors",
-                                                        {"model": model, "optimizer": optimizer}),
-            "uneven step": lambda: other.load(folder / "uneven-step.pt", {"model": model, "optimizer": optimizer}),
-        }
-        if kind == "plain":
-            cases["groups"] = lambda: other.load(folder / "w2-zero3", {"model": model, "optimizer": two_groups})
-            cases["uneven step"] = None
-        out[kind] = _errors({k: v for k, v in cases.items() if v is not None})
-        out[kind]["untouched"] = all(torch.equal(v, before[n]) for n, v in _weights(other, module).items())
+        cases["groups"] = lambda: other.load(folder / "w2-zero3", {"model": model, "optimizer": two_groups})
+    else:
+        cases["uneven step"] = lambda: other.load(folder / "uneven-step.pt", {"model": model, "optimizer": optimizer})
+    out = _errors(cases)
+    out["untouched"] = all(torch.equal(v, before[n]) for n, v in _weights(other, module).items())
     return out

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from convert_workers import STRATEGIES, first_launch, load_errors, second_launch, third_launch
+from convert_workers import STRATEGIES, first_launch, second_launch, third_launch
 from dist_workers import tiny_llama
 from test_distributed import deadline, deadline_guard  # noqa: F401  (the hang guard, also for fixtures)
 
@@ -31,7 +31,7 @@ def converted(tmp_path_factory):
     with deadline_guard(600):
         for world, fn in ((1, first_launch), (2, second_launch), (1, third_launch)):
             results.update(launch(world, fn))
-        errors = launch(1, load_errors)
+    errors = results.pop(("errors", None))
     return {"pairs": results, "errors": errors, "folder": folder}
 
 

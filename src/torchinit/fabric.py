@@ -7,7 +7,6 @@ import os
 import random
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from torchinit import launch as launcher
-from torchinit.checkpoint import restore, sharded
+from torchinit.checkpoint import export, restore, sharded
 from torchinit.checkpoint.load import load_checkpoint
 from torchinit.checkpoint.save import save_state
 from torchinit.init.context import InitContext
@@ -167,12 +166,19 @@ class Fabric:
         return single.setup_optimizer(optimizer, self._scaler)
 
     # ---- save and load -----------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike, state: dict[str, Any]) -> None:
+    def save(self, path: str | os.PathLike, state: dict[str, Any], format: str | None = None) -> None:
         """Save modules, optimizers and plain values, atomically (a crash never leaves a half-written `path`).
 
         One device and DDP: rank 0 writes one file. FSDP: a `torch.distributed.checkpoint` folder, each rank
         writing its own shards (optimizer state included). DeepSpeed: the engine's folder (each rank its
-        partitions). Every rank must call it; all return once `path` is in place."""
+        partitions). `format="safetensors"`: `state` holds one module, written as a transformers-style folder
+        (sharded safetensors files and their index), each rank writing its own shards into the final files.
+        Every rank must call it; all return once `path` is in place."""
+        if format == "safetensors":
+            export.save_safetensors_folder(path, state)
+            return
+        if format is not None:
+            raise ValueError(f"format={format!r} is not supported: use None (the strategy's own) or 'safetensors'.")
         if self.plan.strategy == "fsdp":
             sharded.save_fsdp(path, state)
             return

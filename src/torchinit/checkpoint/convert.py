@@ -40,7 +40,8 @@ class SavedOptimizer:
             raise CheckpointError(f"{path}: the optimizer entry is not a torch optimizer state dict.")
         tensors = {f"{i}{SEP}{k}": v for i, st in saved["state"].items() for k, v in st.items()
                    if isinstance(v, torch.Tensor)}
-        extras = {i: {k: v for k, v in st.items() if not isinstance(v, torch.Tensor)} for i, st in saved["state"].items()}
+        extras = {i: {k: v for k, v in st.items() if not isinstance(v, torch.Tensor)}
+                  for i, st in saved["state"].items()}
         return cls(path, [dict(g) for g in saved["param_groups"]], Checkpoint.from_tensors(path, tensors), extras)
 
     @classmethod
@@ -86,7 +87,8 @@ class SavedOptimizer:
             by_sub = {}
             for name, (_, pieces) in layout.items():
                 by_sub.setdefault(pieces[0][0][2], []).append(name)
-            groups = [{**g, "params": [n for s in g["params"] for n in by_sub.get(s, [])]} for g in base["param_groups"]]
+            groups = [{**g, "params": [n for s in g["params"] for n in by_sub.get(s, [])]}
+                      for g in base["param_groups"]]
         return cls(path, groups, FlatCheckpoint(path, entries, flats, []), extras)
 
     def ids(self) -> set:
@@ -102,17 +104,18 @@ class SavedOptimizer:
         saved = [list(g["params"]) for g in self.groups]
         by_name = any(isinstance(i, str) for g in saved for i in g)
         fits = len(saved) == len(groups) and all(
-            (set(s) == set(t)) if by_name else len(s) == len(t) for s, t in zip(saved, groups))
+            (set(s) == set(t)) if by_name else len(s) == len(t) for s, t in zip(saved, groups, strict=True))
         if not fits:
+            detail = f" ({_diff(saved, groups)})" if by_name else ""
             raise CheckpointError(
                 f"{self.path}: the saved optimizer state does not fit this optimizer: saved {len(saved)} param "
-                f"group(s) of {[len(s) for s in saved]} parameters{' (' + _diff(saved, groups) + ')' if by_name else ''}"
+                f"group(s) of {[len(s) for s in saved]} parameters{detail}"
                 f", here {len(groups)} of {[len(t) for t in groups]}. Build the optimizer over the same model and "
                 "parameter groups as the one saved. Nothing was loaded."
             )
         if by_name:
             return {n: n for t in groups for n in t}
-        return {n: i for s, t in zip(saved, groups) for n, i in zip(t, s)}
+        return {n: i for s, t in zip(saved, groups, strict=True) for n, i in zip(t, s, strict=True)}
 
     def hyperparameters(self, index: int) -> dict:
         return {k: v for k, v in self.groups[index].items() if k != "params"}
@@ -209,7 +212,8 @@ def restore_flat(partitions: list, base: torch.optim.Optimizer, groups: list[lis
             state = dict(scalars)
             for key, entries in arrays:
                 out = torch.zeros_like(flat)
-                saved.tensors.load_slices([(e, s, t, out[o:o + t - s]) for e, (_, s, t, o) in zip(entries, members)])
+                saved.tensors.load_slices([(e, s, t, out[o:o + t - s])
+                                           for e, (_, s, t, o) in zip(entries, members, strict=True)])
                 state[key] = out
             base.state[flat] = {**state, **extras}
         for index, group in enumerate(base.param_groups[:len(saved.groups)]):

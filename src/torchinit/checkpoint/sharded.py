@@ -232,12 +232,14 @@ def _hint(path: Path) -> str:
     return ". For a model's weights from a plain checkpoint use fabric.load_raw(path, model)."
 
 
-def _save_folder(path: Path, write: Callable[[Path], None], values: dict[str, Any], state: dict[str, Any]) -> None:
-    """Every rank calls `write(temporary folder)`; then rank 0 adds `values.pt` and swaps the folder into `path`.
-    Every step ends with all ranks agreeing that it worked, so a failure anywhere is raised everywhere."""
+def _save_folder(path: Path, write: Callable[[Path], None], values: dict[str, Any] | None,
+                 state: dict[str, Any]) -> None:
+    """Every rank calls `write(temporary folder)`; then rank 0 adds `values.pt` (unless `values` is None) and swaps
+    the folder into `path`. Every step ends with all ranks agreeing that it worked, so a failure anywhere is raised
+    everywhere."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     blob, error = b"", None
-    if rank == 0:
+    if rank == 0 and values is not None:
         kinds = {k: "module" if isinstance(v, nn.Module) else "value" if k in values else "optimizer"
                  for k, v in state.items()}
         try:  # before any rank writes: a value that cannot be saved fails the save at once
@@ -262,10 +264,11 @@ def _save_folder(path: Path, write: Callable[[Path], None], values: dict[str, An
         error = None
         if rank == 0:
             try:
-                with open(temporary / VALUES, "wb") as f:
-                    f.write(blob)
-                    f.flush()
-                    os.fsync(f.fileno())
+                if values is not None:
+                    with open(temporary / VALUES, "wb") as f:
+                        f.write(blob)
+                        f.flush()
+                        os.fsync(f.fileno())
                 _replace_folder(temporary, path)
             except Exception as exc:
                 error = exc

@@ -29,8 +29,9 @@ import torch
 from torchinit.checkpoint.formats import Checkpoint, _local_rows
 from torchinit.checkpoint.safetensors import CheckpointError
 
-_DEEPSPEED_CLASSES = ("deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.zero.config.ZeroStageEnum",
-                      "deepspeed.utils.tensor_fragment.fragment_address", "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler")
+_DEEPSPEED_CLASSES = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                      "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+                      "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.utils.tensor_fragment.fragment_address")
 
 
 class _Inert:
