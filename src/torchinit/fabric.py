@@ -194,9 +194,10 @@ class Fabric:
         `load_checkpoint`: any model, meta included); other values in `state` are replaced. Returns what the file
         holds beyond `state` (everything, if `state` is None).
 
-        Under FSDP and DeepSpeed, `path` is the folder `save` wrote under the same strategy and `state` is
-        required: each rank reads only its own shards into the modules and optimizers given (an FSDP folder
-        also into another world size; a DeepSpeed one only into the same). `strict` also checks module keys."""
+        `path` may be what `save` wrote under any strategy and world size (a file, a DCP folder, a DeepSpeed
+        folder, a safetensors file or folder): see checkpoint/restore.py. Under FSDP and DeepSpeed `state` is
+        required and each rank reads only its own shards into the modules and optimizers given. `strict` also
+        checks module keys."""
         if self.plan.strategy in ("fsdp", "deepspeed"):
             if not state:
                 raise ValueError(f"fabric.load under strategy={self.plan.strategy!r} reads shards into the objects "

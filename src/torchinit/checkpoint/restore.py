@@ -51,13 +51,14 @@ def load(path: str | os.PathLike, state: dict[str, Any], strict: bool, target: s
         if zero.saved_layout(path) == (engine.options.stage, world):
             return sharded.load_deepspeed(path, state, strict, engine)
     source = _open(path, state)
-    wanted = sharded._split(state)[1] if strict else {}
-    for key in wanted:
+    wanted = sharded._split(state)[1] if strict and source.no_optimizer else {}
+    present = {**sharded._present(path, {k: v for k, v in state.items() if k not in wanted}, source.held, strict),
+               **wanted}
+    modules, optimizers, _ = sharded._split(present)
+    for key in optimizers:
         if key not in source.optimizers:
             raise CheckpointError(f"{path}: holds no optimizer state for {key!r}{source.no_optimizer}. Load the "
                                   f"model alone (drop {key!r} from the state, or strict=False). Nothing was loaded.")
-    present = sharded._present(path, state, source.held, strict)
-    modules, optimizers, _ = sharded._split(present)
     all_modules = sharded._split(state)[0]
     plans = []  # everything checked before anything changes
     for key, module in modules.items():
@@ -160,6 +161,8 @@ def _open_torch(path: Path, state: dict) -> Source:
         raise
     if not isinstance(saved, dict):
         raise CheckpointError(f"{path}: holds a {type(saved).__name__}, not a saved training state.")
+    if saved and all(isinstance(v, torch.Tensor) for v in saved.values()) and not set(saved) & set(state):
+        return _open_weights(path, state, sharded._split(state)[0])  # a plain state dict: the one module's
     source = Source(held=set(saved))
     for key, obj in state.items():
         if key not in saved:
