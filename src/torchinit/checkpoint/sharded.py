@@ -140,8 +140,9 @@ def save_deepspeed(path: str | os.PathLike, state: dict[str, Any], engine: ds.En
 
 def load_deepspeed(path: str | os.PathLike, state: dict[str, Any], strict: bool,
                    engine: ds.Engine | None) -> dict[str, Any]:
-    """Load a folder `save_deepspeed` wrote through the engine (same world size and ZeRO stage). The optimizer
-    state is loaded when `state` holds the optimizer. Returns the values not in `state`."""
+    """Load a folder `save_deepspeed` wrote through the engine (same world size and ZeRO stage; restore.py
+    converts the others). The optimizer state is loaded when `state` holds the optimizer. Returns the values not
+    in `state`."""
     path = Path(path)
     deepspeed_engine = _engine_for(path, state, engine, "load")
     if not (path / "latest").is_file():
@@ -176,7 +177,7 @@ def _engine_for(path: str | os.PathLike, state: dict[str, Any], engine: ds.Engin
 
 
 def _check_deepspeed_folder(path: Path, module: nn.Module | None, stage: int, strict: bool) -> None:
-    """The stage and world size must be the saved ones; under `strict` the module keys too (named)."""
+    """The stage's model states file must be there; under `strict` the module keys must match (named)."""
     name = "zero_pp_rank_0_mp_rank_00_model_states.pt" if stage == 3 else "mp_rank_00_model_states.pt"
     tag = (path / "latest").read_text().strip()
     file = path / tag / name
@@ -185,11 +186,6 @@ def _check_deepspeed_folder(path: Path, module: nn.Module | None, stage: int, st
         raise CheckpointError(f"{path}: has no {tag}/{name}, which ZeRO stage {stage} reads (found {found or 'none'}): "
                               "it was saved under another ZeRO stage or is incomplete.")
     saved = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if saved.get("dp_world_size", world) != world:
-        raise CheckpointError(f"{path}: saved by {saved['dp_world_size']} ranks; a ZeRO checkpoint loads into the "
-                              f"same number (here {world}). Convert it with the zero_to_fp32.py script in the folder "
-                              "and use fabric.load_raw.")
     if module is None:
         return
     keys, mine = set(saved.get("module", {})), set(module.state_dict())

@@ -161,13 +161,8 @@ def _optim_files(folder: Path) -> list[Path]:
     found = {}
     for file in folder.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"):
         match = re.fullmatch(r"(bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt", file.name)
-        if match is None:
-            continue
-        if match.group(1):
-            raise CheckpointError(f"{folder}: holds DeepSpeed's BF16_Optimizer files ({file.name}); only the ZeRO "
-                                  "optimizer's layout is read. Save under ZeRO 2 or 3, or with fp32 gradient "
-                                  "accumulation off.")
-        found[int(match.group(2))] = file
+        if match is not None:  # "bf16_" when the run was bf16
+            found[int(match.group(2))] = file
     if not found or sorted(found) != list(range(len(found))):
         raise CheckpointError(f"{folder}: the optimizer partition files are missing or incomplete (found ranks "
                               f"{sorted(found)}).")
@@ -188,8 +183,17 @@ def open_zero(path: Path) -> ZeroFolder:
 
     folder = tag_folder(path)
     files = _optim_files(folder)
-    optim = [load_file(f)["optimizer_state_dict"] for f in files]
+    optim = [load_file(f).get("optimizer_state_dict", {}) for f in files]
+    if not all("single_partition_of_fp32_groups" in o or "fp32_flat_groups" in o for o in optim):
+        raise CheckpointError(f"{folder}: its optimizer files ({files[0].name}, ...) hold neither ZeRO 1/2 nor ZeRO-3 "
+                              "fp32 partitions (DeepSpeed's BF16_Optimizer, used for ZeRO-1 with bf16 parameters and "
+                              "fp32 gradient accumulation, is not read): save under ZeRO 2 or 3.")
     stage, world = _stage({"optimizer_state_dict": optim[0]}, files[0]), len(files)
+    counts = optim[0].get("partition_count")
+    saved_by = max(counts) if isinstance(counts, list) and counts else counts
+    if isinstance(saved_by, int) and saved_by != world:
+        raise CheckpointError(f"{folder}: the optimizer partition files are missing or incomplete: saved by "
+                              f"{saved_by} ranks, {world} file(s) found.")
     model_files = [folder / "mp_rank_00_model_states.pt"] if stage < 3 else \
         [folder / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(world)]
     missing = [f.name for f in model_files if not f.is_file()]
