@@ -63,34 +63,6 @@ class SavedOptimizer:
             groups.setdefault(int(index), {})[item] = value
         return cls(path, [groups[i] for i in sorted(groups)], Checkpoint(path, tensors, [path], {}))
 
-    @classmethod
-    def from_flat(cls, path: Path, optim: list[dict], stage: int, layout: dict, flats: dict,
-                  names: list[list[str]]) -> SavedOptimizer:
-        """DeepSpeed's partitions (zero.py reads the layout): rank 0's scalars and hyperparameters stand for all."""
-        from torchinit.checkpoint.zero import Flat, FlatCheckpoint
-
-        base = optim[0]["base_optimizer_state"] if stage < 3 else optim[0]["optimizer_state_dict"]
-        state, entries, extras = base.get("state", {}), {}, {}
-        for name, (shape, pieces) in layout.items():
-            g = pieces[0][0][2]
-            for key, value in state.get(g, {}).items():
-                if isinstance(value, torch.Tensor) and (key, 0, g) in flats:
-                    entries[f"{name}{SEP}{key}"] = Flat(value.dtype, shape, tuple(((key, r, gg), *rest) for
-                                                                                    (_, r, gg), *rest in pieces))
-                elif isinstance(value, torch.Tensor):
-                    entries[f"{name}{SEP}{key}"] = value
-                else:
-                    extras.setdefault(name, {})[key] = value
-        if stage < 3:
-            groups = [{**g, "params": names[i]} for i, g in enumerate(base["param_groups"])]
-        else:  # a param group's "params" are its sub-groups' indices
-            by_sub = {}
-            for name, (_, pieces) in layout.items():
-                by_sub.setdefault(pieces[0][0][2], []).append(name)
-            groups = [{**g, "params": [n for s in g["params"] for n in by_sub.get(s, [])]}
-                      for g in base["param_groups"]]
-        return cls(path, groups, FlatCheckpoint(path, entries, flats, []), extras)
-
     def ids(self) -> set:
         return {i for g in self.groups for i in g["params"]}
 

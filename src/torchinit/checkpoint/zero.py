@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from torchinit.checkpoint.convert import SEP, SavedOptimizer
 from torchinit.checkpoint.formats import Checkpoint, _local_rows
 from torchinit.checkpoint.safetensors import CheckpointError
 
@@ -131,7 +132,7 @@ class ZeroFolder:
     stage: int
     world_size: int
     model: FlatCheckpoint  # trainable parameters in fp32 (the master copies), frozen ones and buffers as saved
-    optimizer: Any  # convert.SavedOptimizer, or None when the folder holds no optimizer state
+    optimizer: SavedOptimizer
 
 
 def tag_folder(path: Path) -> Path:
@@ -179,8 +180,6 @@ def _stage(saved: dict, file: Path) -> int:
 
 def open_zero(path: Path) -> ZeroFolder:
     """Read the folder's layout; tensors are assembled only when loaded."""
-    from torchinit.checkpoint.convert import SavedOptimizer
-
     folder = tag_folder(path)
     files = _optim_files(folder)
     optim = [load_file(f).get("optimizer_state_dict", {}) for f in files]
@@ -225,7 +224,7 @@ def open_zero(path: Path) -> ZeroFolder:
         if name in entries:
             entries[alias] = entries[name]
     model = FlatCheckpoint(path, entries, flats, files + model_files)
-    optimizer = SavedOptimizer.from_flat(path, optim, stage, layout, flats, [list(g) for g in shapes])
+    optimizer = _saved_optimizer(path, optim, stage, layout, flats, [list(g) for g in shapes])
     return ZeroFolder(path, stage, world, model, optimizer)
 
 
@@ -282,3 +281,29 @@ def _zero3_layout(folder: Path, optim: list[dict], shapes: list[dict], world: in
         layout[name] = (shape, pieces)
         offset += part
     return layout, base
+
+
+def _saved_optimizer(path: Path, optim: list[dict], stage: int, layout: dict, flats: dict,
+                     names: list[list[str]]) -> SavedOptimizer:
+    """The optimizer state per parameter, over the same pieces as its fp32 values (the base optimizer steps the
+    flat partitions); rank 0's scalars (Adam's step) and hyperparameters stand for all ranks."""
+    base = optim[0]["base_optimizer_state"] if stage < 3 else optim[0]["optimizer_state_dict"]
+    state, entries, extras = base.get("state", {}), {}, {}
+    for name, (shape, pieces) in layout.items():
+        g = pieces[0][0][2]
+        for key, value in state.get(g, {}).items():
+            if isinstance(value, torch.Tensor) and (key, 0, g) in flats:
+                entries[f"{name}{SEP}{key}"] = Flat(value.dtype, shape, tuple(((key, r, gg), *rest)
+                                                                               for (_, r, gg), *rest in pieces))
+            elif isinstance(value, torch.Tensor):
+                entries[f"{name}{SEP}{key}"] = value
+            else:
+                extras.setdefault(name, {})[key] = value
+    if stage < 3:
+        groups = [{**g, "params": names[i]} for i, g in enumerate(base["param_groups"])]
+    else:  # a param group's "params" are its sub-groups' indices
+        by_sub: dict[int, list[str]] = {}
+        for name, (_, pieces) in layout.items():
+            by_sub.setdefault(pieces[0][0][2], []).append(name)
+        groups = [{**g, "params": [n for s in g["params"] for n in by_sub.get(s, [])]} for g in base["param_groups"]]
+    return SavedOptimizer(path, groups, FlatCheckpoint(path, entries, flats, []), extras)
