@@ -121,9 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     ours, theirs = results["torchinit"], results["gather"]
     time_ratio = max(r[0] for r in theirs) / max(max(r[0] for r in ours), 1e-9)
     ours_mib, theirs_mib = max(r[1] for r in ours), max(r[1] for r in theirs)
-    memory = (f"{theirs_mib / ours_mib:.2f}x" if ours_mib >= 1 else f"{theirs_mib:,.0f} MiB against < 1 MiB for")
-    print(f"\ngather / torchinit: {time_ratio:.2f}x the time; largest rank's peak memory growth {memory} torchinit "
-          f"(the model is {model_mib:,.0f} MiB)")
+    print(f"\ngather / torchinit: {time_ratio:.2f}x the time; largest rank's peak memory growth {theirs_mib:,.0f} MiB "
+          f"against {ours_mib:,.0f} MiB ({theirs_mib / max(ours_mib, 1):,.0f}x; the model is {model_mib:,.0f} MiB)")
     return 0
 
 
