@@ -78,3 +78,34 @@ def test_a_deepspeed_folder_is_a_checkpoint_for_any_model(converted, tmp_path):
     (broken / "state" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
     with pytest.raises(torchinit.CheckpointError, match="the optimizer partition files are missing or incomplete"):
         torchinit.load_checkpoint(tiny_llama(), broken)
+
+
+def test_damaged_deepspeed_folders_are_errors_naming_what_is_wrong(converted, tmp_path):
+    def damaged(name, change):
+        folder = tmp_path / name
+        shutil.copytree(converted["folder"] / "w1-zero2", folder)
+        change(folder)
+        return folder
+
+    cases = {
+        "'latest' names 'gone', which is not a folder in it": lambda f: (f / "latest").write_text("gone"),
+        r"model states file\(s\) missing: mp_rank_00_model_states.pt":
+            lambda f: (f / "state" / "mp_rank_00_model_states.pt").unlink(),
+        "hold neither ZeRO 1/2 nor ZeRO-3 fp32 partitions": lambda f: torch.save(
+            {"optimizer_state_dict": {"zero_stage": 1}}, f / "state" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"),
+    }
+    for index, (message, change) in enumerate(cases.items()):
+        folder = damaged(f"case{index}", change)
+        model = tiny_llama()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(torchinit.CheckpointError, match=message):
+            torchinit.Fabric(accelerator="cpu").load(folder, {"model": model})
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_an_optimizer_entry_that_is_not_an_optimizer_state_is_an_error(tmp_path):
+    fabric = torchinit.Fabric(accelerator="cpu")
+    model = torch.nn.Linear(2, 2)
+    fabric.save(tmp_path / "state.pt", {"model": model, "optimizer": {"lr": 0.1}})
+    with pytest.raises(torchinit.CheckpointError, match="state.pt: the optimizer entry is not a torch optimizer"):
+        fabric.load(tmp_path / "state.pt", {"model": model, "optimizer": torch.optim.SGD(model.parameters(), 0.1)})

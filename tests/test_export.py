@@ -61,3 +61,15 @@ def test_a_failed_export_leaves_nothing_and_says_where(exported):
     assert "format='onnx' is not supported" in errors["format"]
     assert "OSError: [Errno 28] No space left on device (test)" in errors["rank 1 fails"]
     assert exported["leftovers"] == ["fsdp-many", "fsdp-one", "zero3-many", "zero3-one"], "no temporary left"
+
+
+def test_one_process_export_and_what_safetensors_cannot_hold(tmp_path):
+    fabric = torchinit.Fabric(accelerator="cpu")
+    model = torch.nn.Linear(3, 2)
+    fabric.save(tmp_path / "out", {"model": model}, format="safetensors")
+    got = load_file(tmp_path / "out" / "model-00001-of-00001.safetensors")
+    assert got.keys() == {"weight", "bias"} and all(torch.equal(got[k], v) for k, v in model.state_dict().items())
+    model.register_buffer("phase", torch.ones(2, dtype=torch.complex64))
+    with pytest.raises(ValueError, match=r"out2: safetensors cannot hold phase \(torch.complex64\)"):
+        fabric.save(tmp_path / "out2", {"model": model}, format="safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
