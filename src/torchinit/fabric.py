@@ -7,7 +7,6 @@ import os
 import random
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,9 +14,8 @@ import torch.distributed as dist
 from torch import nn
 
 from torchinit import launch as launcher
-from torchinit.checkpoint import sharded
-from torchinit.checkpoint.formats import Checkpoint
-from torchinit.checkpoint.load import load_checkpoint, load_into
+from torchinit.checkpoint import export, restore, sharded
+from torchinit.checkpoint.load import load_checkpoint
 from torchinit.checkpoint.save import save_state
 from torchinit.init.context import InitContext
 from torchinit.init.record import RecordContext
@@ -168,12 +166,19 @@ class Fabric:
         return single.setup_optimizer(optimizer, self._scaler)
 
     # ---- save and load -----------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike, state: dict[str, Any]) -> None:
+    def save(self, path: str | os.PathLike, state: dict[str, Any], format: str | None = None) -> None:
         """Save modules, optimizers and plain values, atomically (a crash never leaves a half-written `path`).
 
         One device and DDP: rank 0 writes one file. FSDP: a `torch.distributed.checkpoint` folder, each rank
         writing its own shards (optimizer state included). DeepSpeed: the engine's folder (each rank its
-        partitions). Every rank must call it; all return once `path` is in place."""
+        partitions). `format="safetensors"`: `state` holds one module, written as a transformers-style folder
+        (sharded safetensors files and their index), each rank writing its own shards into the final files.
+        Every rank must call it; all return once `path` is in place."""
+        if format == "safetensors":
+            export.save_safetensors_folder(path, state)
+            return
+        if format is not None:
+            raise ValueError(f"format={format!r} is not supported: use None (the strategy's own) or 'safetensors'.")
         if self.plan.strategy == "fsdp":
             sharded.save_fsdp(path, state)
             return
@@ -189,41 +194,19 @@ class Fabric:
         `load_checkpoint`: any model, meta included); other values in `state` are replaced. Returns what the file
         holds beyond `state` (everything, if `state` is None).
 
-        Under FSDP and DeepSpeed, `path` is the folder `save` wrote under the same strategy and `state` is
-        required: each rank reads only its own shards into the modules and optimizers given (an FSDP folder
-        also into another world size; a DeepSpeed one only into the same). `strict` also checks module keys."""
+        `path` may be what `save` wrote under any strategy and world size (a file, a DCP folder, a DeepSpeed
+        folder, a safetensors file or folder): see checkpoint/restore.py. Under FSDP and DeepSpeed `state` is
+        required and each rank reads only its own shards into the modules and optimizers given. `strict` also
+        checks module keys."""
         if self.plan.strategy in ("fsdp", "deepspeed"):
             if not state:
                 raise ValueError(f"fabric.load under strategy={self.plan.strategy!r} reads shards into the objects "
                                  "they belong to: pass state={'model': model, 'optimizer': optimizer, ...}.")
-            if self.plan.strategy == "fsdp":
-                return sharded.load_fsdp(path, state, strict, self.device, self.plan.param_dtype)
-            return sharded.load_deepspeed(path, state, strict, self._engine)
-        if Path(path).suffix == ".safetensors":
-            modules = {k: v for k, v in (state or {}).items() if isinstance(v, nn.Module)}
-            if len(modules) != 1:
-                raise ValueError(f"{path}: a .safetensors file holds one module; pass state={{'model': model}}.")
-            (name, module), = modules.items()
-            self.load_raw(path, module, strict=strict)
-            return {}
-        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            dtype = ds.param_dtype(self.plan) if self.plan.strategy == "deepspeed" else self.plan.param_dtype
+            return restore.load(path, state, strict, self.plan.strategy, self.device, dtype, self._engine)
         if state is None:
-            return saved
-        absent = [k for k in state if k not in saved]
-        if absent and strict:
-            raise KeyError(f"{path}: has no {absent}; it holds {sorted(saved)}. Pass strict=False to skip them.")
-        for key, obj in state.items():
-            if key not in saved:
-                continue
-            if isinstance(obj, nn.Module):
-                module = obj.module if isinstance(obj, single.FabricModule) else obj
-                load_into(module, Checkpoint.from_tensors(Path(path), saved[key]), strict=strict, device=self.device,
-                          dtype=self.plan.param_dtype)
-            elif isinstance(obj, torch.optim.Optimizer):
-                obj.load_state_dict(saved[key])
-            else:
-                state[key] = saved[key]
-        return {k: v for k, v in saved.items() if k not in state}
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return restore.load(path, state, strict, "plain", self.device, self.plan.param_dtype)
 
     # ---- load ------------------------------------------------------------------------------------
     def load_raw(self, path: str | os.PathLike, obj: nn.Module | torch.optim.Optimizer, strict: bool = True) -> Any:

@@ -195,6 +195,10 @@ def open_checkpoint(path: str | Path, select: str | None = None, mmap: bool = Tr
 def _open_folder(path: Path, select: str | None, mmap: bool) -> Checkpoint:
     if (path / ".metadata").exists():
         return _open_dcp(path, select)
+    if (path / "latest").is_file():  # a DeepSpeed ZeRO folder: its model, assembled from the partitions
+        from torchinit.checkpoint.zero import open_zero
+
+        return open_zero(path).model
     indexes = sorted(path.glob("*.safetensors.index.json")) or sorted(path.glob("*.bin.index.json"))
     if len(indexes) == 1:
         return _open_index(indexes[0], select, mmap)

@@ -140,8 +140,9 @@ def save_deepspeed(path: str | os.PathLike, state: dict[str, Any], engine: ds.En
 
 def load_deepspeed(path: str | os.PathLike, state: dict[str, Any], strict: bool,
                    engine: ds.Engine | None) -> dict[str, Any]:
-    """Load a folder `save_deepspeed` wrote through the engine (same world size and ZeRO stage). The optimizer
-    state is loaded when `state` holds the optimizer. Returns the values not in `state`."""
+    """Load a folder `save_deepspeed` wrote through the engine (same world size and ZeRO stage; restore.py
+    converts the others). The optimizer state is loaded when `state` holds the optimizer. Returns the values not
+    in `state`."""
     path = Path(path)
     deepspeed_engine = _engine_for(path, state, engine, "load")
     if not (path / "latest").is_file():
@@ -176,7 +177,7 @@ def _engine_for(path: str | os.PathLike, state: dict[str, Any], engine: ds.Engin
 
 
 def _check_deepspeed_folder(path: Path, module: nn.Module | None, stage: int, strict: bool) -> None:
-    """The stage and world size must be the saved ones; under `strict` the module keys too (named)."""
+    """The stage's model states file must be there; under `strict` the module keys must match (named)."""
     name = "zero_pp_rank_0_mp_rank_00_model_states.pt" if stage == 3 else "mp_rank_00_model_states.pt"
     tag = (path / "latest").read_text().strip()
     file = path / tag / name
@@ -185,11 +186,6 @@ def _check_deepspeed_folder(path: Path, module: nn.Module | None, stage: int, st
         raise CheckpointError(f"{path}: has no {tag}/{name}, which ZeRO stage {stage} reads (found {found or 'none'}): "
                               "it was saved under another ZeRO stage or is incomplete.")
     saved = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if saved.get("dp_world_size", world) != world:
-        raise CheckpointError(f"{path}: saved by {saved['dp_world_size']} ranks; a ZeRO checkpoint loads into the "
-                              f"same number (here {world}). Convert it with the zero_to_fp32.py script in the folder "
-                              "and use fabric.load_raw.")
     if module is None:
         return
     keys, mine = set(saved.get("module", {})), set(module.state_dict())
@@ -232,12 +228,14 @@ def _hint(path: Path) -> str:
     return ". For a model's weights from a plain checkpoint use fabric.load_raw(path, model)."
 
 
-def _save_folder(path: Path, write: Callable[[Path], None], values: dict[str, Any], state: dict[str, Any]) -> None:
-    """Every rank calls `write(temporary folder)`; then rank 0 adds `values.pt` and swaps the folder into `path`.
-    Every step ends with all ranks agreeing that it worked, so a failure anywhere is raised everywhere."""
+def _save_folder(path: Path, write: Callable[[Path], None], values: dict[str, Any] | None,
+                 state: dict[str, Any]) -> None:
+    """Every rank calls `write(temporary folder)`; then rank 0 adds `values.pt` (unless `values` is None) and swaps
+    the folder into `path`. Every step ends with all ranks agreeing that it worked, so a failure anywhere is raised
+    everywhere."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     blob, error = b"", None
-    if rank == 0:
+    if rank == 0 and values is not None:
         kinds = {k: "module" if isinstance(v, nn.Module) else "value" if k in values else "optimizer"
                  for k, v in state.items()}
         try:  # before any rank writes: a value that cannot be saved fails the save at once
@@ -262,10 +260,11 @@ def _save_folder(path: Path, write: Callable[[Path], None], values: dict[str, An
         error = None
         if rank == 0:
             try:
-                with open(temporary / VALUES, "wb") as f:
-                    f.write(blob)
-                    f.flush()
-                    os.fsync(f.fileno())
+                if values is not None:
+                    with open(temporary / VALUES, "wb") as f:
+                        f.write(blob)
+                        f.flush()
+                        os.fsync(f.fileno())
                 _replace_folder(temporary, path)
             except Exception as exc:
                 error = exc

@@ -263,6 +263,7 @@ class Engine:
         self.module, self.plan, self.options = module, plan, options
         self.engine = None
         self.optimizer = None
+        self.groups: list[list[nn.Parameter]] = []  # the optimizer's parameters by group, before DeepSpeed swaps them
 
     def start(self, optimizer: torch.optim.Optimizer | None) -> None:
         if self.engine is not None:
@@ -271,6 +272,7 @@ class Engine:
                 "optimizer). Pass the optimizer to setup(model, optimizer) or setup_optimizers(optimizer) before "
                 "the first forward."
             )
+        self.groups = [list(g["params"]) for g in optimizer.param_groups] if optimizer is not None else []
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning)  # DeepSpeed's use of deprecated collectives
             self.engine, self.optimizer, _, _ = _deepspeed().initialize(
@@ -290,6 +292,42 @@ class Engine:
             optimizer.refresh_fp32_params()
         if hasattr(optimizer, "checkpoint_event_epilogue"):
             optimizer.checkpoint_event_epilogue()
+
+
+    def flat_partitions(self) -> list[tuple[torch.Tensor, list[tuple[nn.Parameter, int, int, int]]]]:
+        """This rank's fp32 partitions (the tensors the wrapped optimizer steps), each with the parameter
+        elements it holds: (parameter, first element, end, offset in the partition). ZeRO 1/2: a group's
+        parameters are flattened into one buffer cut into equal partitions; ZeRO 3: each parameter is cut on its
+        own and a partition is its pieces in order (see `_partition_range`)."""
+        zero = self.engine.optimizer
+        out = []
+        if hasattr(zero, "single_partition_of_fp32_groups"):
+            rank = torch.distributed.get_rank(zero.dp_process_group) if torch.distributed.is_initialized() else 0
+            for i, flat in enumerate(zero.bit16_groups_flat):
+                part = zero.parallel_partitioned_bit16_groups[i][rank]
+                start, size, members = _offset(part, flat), part.numel(), []
+                for p in zero.round_robin_bit16_groups[i]:
+                    at = _offset(p, flat)
+                    a, b = max(at, start), min(at + p.numel(), start + size)
+                    if a < b:
+                        members.append((p, a - at, b - at, a - start))
+                out.append((zero.single_partition_of_fp32_groups[i], members))
+        elif hasattr(zero, "fp32_partitioned_groups_flat"):
+            for i, flat in enumerate(zero.fp16_partitioned_groups_flat):
+                members = []
+                for p in zero.fp16_groups[i]:
+                    start, end = _partition_range(p)
+                    members.append((p, start, end, _offset(p.ds_tensor, flat)))
+                out.append((zero.fp32_partitioned_groups_flat[i], members))
+        else:
+            raise RuntimeError(f"DeepSpeed's optimizer {type(zero).__name__} keeps no ZeRO fp32 partitions that "
+                               "torchinit can fill (ZeRO stage 1-3 without offload are supported).")
+        return out
+
+
+def _offset(t: torch.Tensor, flat: torch.Tensor) -> int:
+    """Where `t` (a view into `flat`'s memory) starts in `flat`, in elements."""
+    return (t.data_ptr() - flat.data_ptr()) // flat.element_size()
 
 
 class EngineOptimizer:
