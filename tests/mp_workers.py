@@ -1,0 +1,156 @@
+"""Model-parallel workers that `Fabric.launch(fn)` runs in spawned processes (module level, so that they pickle).
+
+One launch covers several mesh shapes: the mesh is the strategy's (`model_parallel.device_mesh`) for a plan with
+other sizes, so a 2-process launch runs 1x2 and 2x1 and a 4-process one 2x2, 1x4 and 4x1.
+"""
+
+import dataclasses
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import Replicate
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+import torchinit
+from torchinit.materialize.placement import local_box
+from torchinit.models.llama import Llama, LlamaConfig
+from torchinit.strategies import model_parallel, single
+
+SEED = 3
+
+
+def llama_cfg(tie: bool = True) -> LlamaConfig:
+    """Heads divide by 1, 2 and 4; an odd MLP width (uneven shards on 2-D meshes); tied or not."""
+    return LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=44, num_layers=2, num_heads=8,
+                       num_kv_heads=4, max_seq_len=16, tie_embeddings=tie)
+
+
+def hf_llama(tie: bool = True):
+    from transformers import LlamaConfig as HFConfig
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM(HFConfig(vocab_size=64, hidden_size=32, intermediate_size=44, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie))
+
+
+def hf_mixtral():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    return MixtralForCausalLM(MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=24, num_hidden_layers=1,
+                                            num_attention_heads=4, num_key_value_heads=2, num_local_experts=4))
+
+
+def parallelize_llama(model: nn.Module, mesh) -> nn.Module:
+    """A hand-written parallelize_fn for torchinit's Llama, as a Lightning user writes one (torchtitan style)."""
+    tp = mesh["tensor_parallel"]
+    if tp.size() > 1:
+        for block in model.layers:
+            parallelize_module(block, tp, {
+                "attn.q_proj": ColwiseParallel(), "attn.k_proj": ColwiseParallel(), "attn.v_proj": ColwiseParallel(),
+                "attn.o_proj": RowwiseParallel(), "mlp.gate_proj": ColwiseParallel(),
+                "mlp.up_proj": ColwiseParallel(), "mlp.down_proj": RowwiseParallel(),
+            })
+            block.attn.num_heads //= tp.size()
+            block.attn.num_kv_heads //= tp.size()
+        parallelize_module(model, tp, {"embed": RowwiseParallel(input_layouts=Replicate()),
+                                       "lm_head": ColwiseParallel(output_layouts=Replicate())})
+        if model.cfg.tie_embeddings:  # both Shard(0) on the TP mesh: one tensor again
+            model.lm_head.weight = model.embed.weight
+    for block in model.layers:
+        fully_shard(block, mesh=mesh["data_parallel"])
+    fully_shard(model, mesh=mesh["data_parallel"])
+    return model
+
+
+def returns_none(model, mesh):
+    parallelize_llama(model, mesh)
+
+
+def split_tie(model, mesh):
+    parallelize_module(model, mesh["tensor_parallel"], {"lm_head": ColwiseParallel(output_layouts=Replicate())})
+    return model
+
+
+def gathered(value):
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def setup_on(fabric, module: nn.Module, dp: int, tp: int, fn=parallelize_llama):
+    """`fabric.setup(module)` on a (dp, tp) mesh of this launch's processes."""
+    options = dataclasses.replace(fabric.plan.options, parallelize_fn=fn, data_parallel_size=dp,
+                                  tensor_parallel_size=tp)
+    plan = dataclasses.replace(fabric.plan, options=options)
+    mesh = model_parallel.device_mesh(plan)
+    wrapped, mapping = single.setup_module(module, plan, mesh)
+    return wrapped, mapping
+
+
+def describe(model: nn.Module) -> dict:
+    """Full values (gathered), ties, buffers, and this rank's local shards: shapes, boxes and bytes."""
+    full, local, boxes = {}, {}, {}
+    nbytes = 0
+    for name, p in model.named_parameters():
+        full[name] = p.full_tensor().detach().clone() if hasattr(p, "full_tensor") else p.detach().clone()
+        mine = p.to_local() if hasattr(p, "to_local") else p
+        local[name] = tuple(mine.shape)
+        boxes[name] = local_box(p) if hasattr(p, "placements") else None
+        nbytes += mine.numel() * mine.element_size()
+    ties = sorted(sorted(g) for g in torchinit.tie_groups(model))
+    return {"full": full, "buffers": {n: b.detach().clone() for n, b in model.named_buffers()}, "ties": ties,
+            "local": gathered(local), "boxes": gathered(boxes), "bytes": gathered(nbytes),
+            "placements": {n: str(p.placements) for n, p in model.named_parameters() if hasattr(p, "placements")}}
+
+
+def build(fabric, make, empty_init=False):
+    torch.manual_seed(SEED)
+    with torchinit.nan_poison(), fabric.init_module(empty_init=empty_init):
+        return make()
+
+
+def two_ranks(fabric) -> dict:
+    """1x2 and 2x1: torchinit Llama (hand-written fn, tied and untied), HF Llama (its plan, tied and untied),
+    Mixtral; then the errors."""
+    out = {}
+    for dp, tp in ((1, 2), (2, 1)):
+        for key, make, fn in (("llama", lambda: Llama(llama_cfg(True)), parallelize_llama),
+                              ("llama_untied", lambda: Llama(llama_cfg(False)), parallelize_llama),
+                              ("hf", lambda: hf_llama(True), None), ("hf_untied", lambda: hf_llama(False), None),
+                              ("mixtral", hf_mixtral, None)):
+            model, _ = setup_on(fabric, build(fabric, make, empty_init=key == "hf_untied"), dp, tp, fn)
+            out[f"{key}/{dp}x{tp}"] = describe(model.module)
+    out["errors"] = errors(fabric)
+    return out
+
+
+def _error(call) -> str:
+    try:
+        call()
+    except Exception as exc:  # the test checks type and message
+        return f"{type(exc).__name__}: {exc}"
+    return "no error"
+
+
+def errors(fabric) -> dict:
+    heads = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=44, num_layers=1, num_heads=3,
+                        num_kv_heads=3, max_seq_len=16)
+    hf_heads = lambda: hf_llama_heads(3)  # noqa: E731
+    return {
+        "returns_none": _error(lambda: setup_on(fabric, build(fabric, lambda: Llama(llama_cfg())), 1, 2,
+                                                returns_none)),
+        "heads": _error(lambda: setup_on(fabric, build(fabric, lambda: Llama(heads)), 1, 2)),
+        "hf_heads": _error(lambda: setup_on(fabric, build(fabric, hf_heads), 1, 2, None)),
+        "no_plan": _error(lambda: setup_on(fabric, build(fabric, lambda: Llama(llama_cfg())), 1, 2, None)),
+        "split_tie": _error(lambda: setup_on(fabric, build(fabric, lambda: Llama(llama_cfg())), 1, 2, split_tie)),
+    }
+
+
+def hf_llama_heads(kv: int):
+    from transformers import LlamaConfig as HFConfig
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM(HFConfig(vocab_size=64, hidden_size=48, intermediate_size=44, num_hidden_layers=1,
+                                     num_attention_heads=6, num_key_value_heads=kv))
