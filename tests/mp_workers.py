@@ -16,7 +16,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 import torchinit
 from torchinit.materialize.placement import local_box
 from torchinit.models.llama import Llama, LlamaConfig
-from torchinit.strategies import model_parallel, single
+from torchinit.strategies import fsdp, model_parallel, single
 
 SEED = 3
 
@@ -79,11 +79,11 @@ def gathered(value):
     return out
 
 
-def setup_on(fabric, module: nn.Module, dp: int, tp: int, fn=parallelize_llama):
-    """`fabric.setup(module)` on a (dp, tp) mesh of this launch's processes."""
+def setup_on(fabric, module: nn.Module, dp: int, tp: int, fn=parallelize_llama, dtype=None):
+    """`fabric.setup(module)` on a (dp, tp) mesh of this launch's processes (in `dtype`, else the fabric's)."""
     options = dataclasses.replace(fabric.plan.options, parallelize_fn=fn, data_parallel_size=dp,
                                   tensor_parallel_size=tp)
-    plan = dataclasses.replace(fabric.plan, options=options)
+    plan = dataclasses.replace(fabric.plan, options=options, param_dtype=dtype or fabric.plan.param_dtype)
     mesh = model_parallel.device_mesh(plan)
     wrapped, mapping = single.setup_module(module, plan, mesh)
     return wrapped, mapping
@@ -105,10 +105,52 @@ def describe(model: nn.Module) -> dict:
             "placements": {n: str(p.placements) for n, p in model.named_parameters() if hasattr(p, "placements")}}
 
 
-def build(fabric, make, empty_init=False):
+def build(fabric, make, empty_init=False, dtype=None):
+    """`make()` under `fabric.init_module()` (a record), seeded; `dtype`: a record in that dtype instead."""
     torch.manual_seed(SEED)
-    with torchinit.nan_poison(), fabric.init_module(empty_init=empty_init):
+    context = torchinit.RecordContext("cpu", dtype) if dtype else fabric.init_module(empty_init=empty_init)
+    with torchinit.nan_poison(), context:
         return make()
+
+
+IDS = (torch.arange(32).reshape(2, 16) * 7) % 64
+
+
+def train_steps(model: nn.Module, optimizer, steps: int = 4) -> dict:
+    """The first forward's logits and the loss of each step (next-token cross-entropy on fixed ids)."""
+    losses, first = [], None
+    for _ in range(steps):
+        logits = model(IDS)
+        logits = getattr(logits, "logits", logits)
+        first = logits.detach().clone() if first is None else first
+        loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), IDS[:, 1:].flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return {"first": first, "losses": losses}
+
+
+def training(fabric, dp: int, tp: int, make, fn) -> dict:
+    """fp32; one optimizer made before setup (from the meta placeholders, remapped), one after."""
+    model = build(fabric, make, dtype=torch.float32)
+    early = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    wrapped, mapping = setup_on(fabric, model, dp, tp, fn, dtype=torch.float32)
+    fsdp.remap_optimizer(early, mapping)
+    out = train_steps(wrapped, early)
+    late = torch.optim.SGD(wrapped.parameters(), lr=1e-2)
+    out["late"] = train_steps(wrapped, late, steps=1)["losses"]
+    return out
+
+
+def full_values(model: nn.Module) -> dict:
+    return {n: p.full_tensor().detach().clone() if hasattr(p, "full_tensor") else p.detach().clone()
+            for n, p in model.named_parameters()}
+
+
+def local_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (getattr(p, "to_local", lambda p=p: p)()
+                                                      for p in model.parameters()))
 
 
 def two_ranks(fabric) -> dict:
@@ -122,7 +164,49 @@ def two_ranks(fabric) -> dict:
                               ("mixtral", hf_mixtral, None)):
             model, _ = setup_on(fabric, build(fabric, make, empty_init=key == "hf_untied"), dp, tp, fn)
             out[f"{key}/{dp}x{tp}"] = describe(model.module)
+    for dp, tp in ((1, 2), (2, 1)):
+        out[f"train/{dp}x{tp}"] = training(fabric, dp, tp, lambda: Llama(llama_cfg(True)), parallelize_llama)
+        out[f"train_hf/{dp}x{tp}"] = training(fabric, dp, tp, lambda: hf_llama(False), None)
     out["errors"] = errors(fabric)
+    return out
+
+
+def reload(fabric, folder) -> dict:
+    """A DCP folder saved by 4 ranks on a 2x2 mesh, into a 1x2 mesh of 2 ranks (model, optimizer, a value)."""
+    model, _ = setup_on(fabric, build(fabric, lambda: Llama(llama_cfg(True)), empty_init=True), 1, 2,
+                        dtype=torch.float32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    state = {"model": model, "optimizer": optimizer, "step": 0}
+    fabric.load(folder, state)
+    return {"full": full_values(model.module), "step": state["step"],
+            "moments": sorted(len(s) for s in optimizer.state.values())}
+
+
+def four_ranks(fabric, folder, raw) -> dict:
+    """2x2 through the Fabric itself (fp32): values, per-rank bytes, training with the optimizer passed to setup;
+    save there, load into 1x4 and 4x1; a safetensors file read straight into 2x2 shards."""
+    out = {}
+    model = build(fabric, lambda: Llama(llama_cfg(True)))
+    early = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model, optimizer = fabric.setup(model, early)
+    out["mesh"] = (fabric.device_mesh.mesh_dim_names, tuple(fabric.device_mesh.shape))
+    out["llama/2x2"] = describe(model.module)
+    hf, _ = setup_on(fabric, build(fabric, lambda: hf_llama(True)), 2, 2, None)
+    out["hf/2x2"] = describe(hf.module)
+    out["train/2x2"] = train_steps(model, optimizer)
+    fabric.save(folder, {"model": model, "optimizer": optimizer, "step": 4})
+    out["saved"] = full_values(model.module)
+    for dp, tp in ((1, 4), (4, 1)):
+        other, _ = setup_on(fabric, build(fabric, lambda: Llama(llama_cfg(True)), empty_init=True), dp, tp)
+        opt = torch.optim.AdamW(other.parameters(), lr=1e-2)
+        state = {"model": other, "optimizer": opt, "step": 0}
+        fabric.load(folder, state)
+        out[f"loaded/{dp}x{tp}"] = {"full": full_values(other.module), "step": state["step"],
+                                    "after": train_steps(other, opt, steps=1)["losses"]}
+    target, _ = setup_on(fabric, build(fabric, lambda: Llama(llama_cfg(False)), empty_init=True), 2, 2)
+    report = fabric.load_raw(raw, target)
+    out["raw"] = {"full": full_values(target.module), "read": gathered(report.bytes),
+                  "local": gathered(local_bytes(target.module)), "missing": report.missing}
     return out
 
 

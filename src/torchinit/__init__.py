@@ -20,8 +20,8 @@ from torchinit.plan import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrateg
 
 __all__ = [
     "Checkpoint", "CheckpointError", "DeepSpeedStrategy", "FSDPStrategy", "Fabric", "InitContext",
-    "InsufficientMemoryError", "LoadReport", "MaterializeError", "MaterializeReport", "ModelParallelStrategy", "RecordContext", "RecordError",
-    "RecordedInit", "VerificationError", "load_checkpoint", "materialize", "nan_poison", "open_checkpoint",
-    "register_init", "seed_everything", "tie_groups", "unwritten_names", "verify",
+    "InsufficientMemoryError", "LoadReport", "MaterializeError", "MaterializeReport", "ModelParallelStrategy",
+    "RecordContext", "RecordError", "RecordedInit", "VerificationError", "load_checkpoint", "materialize",
+    "nan_poison", "open_checkpoint", "register_init", "seed_everything", "tie_groups", "unwritten_names", "verify",
 ]
 __version__ = "0.1.0"

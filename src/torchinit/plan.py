@@ -139,7 +139,7 @@ class Plan:
     strategy: str
     device_indices: tuple[int, ...] = (0,)
     num_nodes: int = 1
-    options: FSDPStrategy | DeepSpeedStrategy | ModelParallelStrategy | None = None  # the strategy's settings, where it has any
+    options: FSDPStrategy | DeepSpeedStrategy | ModelParallelStrategy | None = None  # the strategy's settings
 
     @property
     def mixed(self) -> bool:

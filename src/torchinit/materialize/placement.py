@@ -31,12 +31,14 @@ def _coordinate(target: torch.Tensor) -> list[int]:
 def local_part(target: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """This rank's part of the full `value` laid out as `target` (a DTensor) is: mesh dimension by mesh dimension,
     each Shard/_StridedShard split as `distribute_tensor` splits it (torch.chunk layout), Replicate kept whole."""
+    from torch.distributed.tensor.placement_types import Shard, _StridedShard
+
     _check(target)
     if tuple(value.shape) != tuple(target.shape):
         raise ValueError(f"the full value has shape {tuple(value.shape)}, the DTensor {tuple(target.shape)}")
     mesh, local = target.device_mesh, value.detach()
     for d, (placement, index) in enumerate(zip(target.placements, _coordinate(target), strict=True)):
-        if placement.is_shard():
+        if isinstance(placement, (Shard, _StridedShard)):  # (`is_shard()` is False for _StridedShard)
             local = placement._select_split_tensor(local, mesh.size(d), index, with_padding=False, contiguous=False,
                                                    clone=False)
     return local
