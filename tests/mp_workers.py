@@ -153,7 +153,7 @@ def local_bytes(model: nn.Module) -> int:
                                                       for p in model.parameters()))
 
 
-def two_ranks(fabric) -> dict:
+def two_ranks(fabric, folder) -> dict:
     """1x2 and 2x1: torchinit Llama (hand-written fn, tied and untied), HF Llama (its plan, tied and untied),
     Mixtral; then the errors."""
     out = {}
@@ -165,16 +165,29 @@ def two_ranks(fabric) -> dict:
             model, _ = setup_on(fabric, build(fabric, make, empty_init=key == "hf_untied"), dp, tp, fn)
             out[f"{key}/{dp}x{tp}"] = describe(model.module)
     for dp, tp in ((1, 2), (2, 1)):
+        out[f"no_record/{dp}x{tp}"] = without_record(fabric, dp, tp)
         out[f"train/{dp}x{tp}"] = training(fabric, dp, tp, lambda: Llama(llama_cfg(True)), parallelize_llama)
         out[f"train_hf/{dp}x{tp}"] = training(fabric, dp, tp, lambda: hf_llama(False), None)
     out["errors"] = errors(fabric)
+    out["reload"] = reload(fabric, folder)
     return out
 
 
+def without_record(fabric, dp: int, tp: int) -> dict:
+    """record_init=False: built on meta, each module's own init in setup (seeded just before)."""
+    with torchinit.InitContext("cpu", fabric.plan.param_dtype, meta=True):
+        module = Llama(llama_cfg(True))
+    options = dataclasses.replace(fabric.plan.options, parallelize_fn=parallelize_llama, data_parallel_size=dp,
+                                  tensor_parallel_size=tp, record_init=False)
+    plan = dataclasses.replace(fabric.plan, options=options)
+    torch.manual_seed(SEED)
+    wrapped, _ = single.setup_module(module, plan, model_parallel.device_mesh(plan))
+    return describe(wrapped.module)
+
+
 def reload(fabric, folder) -> dict:
-    """A DCP folder saved by 4 ranks on a 2x2 mesh, into a 1x2 mesh of 2 ranks (model, optimizer, a value)."""
-    model, _ = setup_on(fabric, build(fabric, lambda: Llama(llama_cfg(True)), empty_init=True), 1, 2,
-                        dtype=torch.float32)
+    """A DCP folder saved by 4 ranks (fp32) on a 2x2 mesh, into a 1x2 mesh of 2 ranks (this fabric's bf16)."""
+    model, _ = setup_on(fabric, build(fabric, lambda: Llama(llama_cfg(True)), empty_init=True), 1, 2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     state = {"model": model, "optimizer": optimizer, "step": 0}
     fabric.load(folder, state)

@@ -22,10 +22,16 @@ def _check(t: torch.Tensor) -> None:
 
 
 def _coordinate(target: torch.Tensor) -> list[int]:
-    """This rank's index on each mesh dimension, from the process groups (the fake process group runs several
-    ranks in one process, and DTensor's cached specs may carry another rank's mesh object)."""
-    mesh = target.device_mesh
-    return [mesh.get_local_rank(d) for d in range(mesh.ndim)]
+    """This rank's index on each mesh dimension, found from its global rank in the mesh's rank layout (not from
+    the mesh object's own rank: the fake process group runs several ranks in one process, and DTensor caches
+    specs by mesh equality, which ignores the rank)."""
+    import torch.distributed as dist
+
+    layout = target.device_mesh.mesh
+    found = (layout == dist.get_rank()).nonzero()
+    if found.shape[0] != 1:
+        raise ValueError(f"rank {dist.get_rank()} is not in the DTensor's device mesh {layout.tolist()}.")
+    return found[0].tolist()
 
 
 def local_part(target: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
