@@ -9,13 +9,12 @@ import dataclasses
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import Replicate
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
 import torchinit
 from torchinit.materialize.placement import local_box
-from torchinit.models.llama import Llama, LlamaConfig
+from torchinit.models.llama import Llama, LlamaConfig, parallelize
 from torchinit.strategies import fsdp, model_parallel, single
 
 SEED = 3
@@ -42,26 +41,7 @@ def hf_mixtral():
                                             num_attention_heads=4, num_key_value_heads=2, num_local_experts=4))
 
 
-def parallelize_llama(model: nn.Module, mesh) -> nn.Module:
-    """A hand-written parallelize_fn for torchinit's Llama, as a Lightning user writes one (torchtitan style)."""
-    tp = mesh["tensor_parallel"]
-    if tp.size() > 1:
-        for block in model.layers:
-            parallelize_module(block, tp, {
-                "attn.q_proj": ColwiseParallel(), "attn.k_proj": ColwiseParallel(), "attn.v_proj": ColwiseParallel(),
-                "attn.o_proj": RowwiseParallel(), "mlp.gate_proj": ColwiseParallel(),
-                "mlp.up_proj": ColwiseParallel(), "mlp.down_proj": RowwiseParallel(),
-            })
-            block.attn.num_heads //= tp.size()
-            block.attn.num_kv_heads //= tp.size()
-        parallelize_module(model, tp, {"embed": RowwiseParallel(input_layouts=Replicate()),
-                                       "lm_head": ColwiseParallel(output_layouts=Replicate())})
-        if model.cfg.tie_embeddings:  # both Shard(0) on the TP mesh: one tensor again
-            model.lm_head.weight = model.embed.weight
-    for block in model.layers:
-        fully_shard(block, mesh=mesh["data_parallel"])
-    fully_shard(model, mesh=mesh["data_parallel"])
-    return model
+parallelize_llama = parallelize  # the bundled Llama's parallelize_fn, hand-written as a Lightning user writes one
 
 
 def returns_none(model, mesh):
