@@ -5,7 +5,7 @@ Each case runs in fresh processes (one per rank, torchrun-style environment, glo
 seconds of `init_module()` + model construction + `setup()`, and the peak memory growth during it (host RSS; on
 CUDA the device peak). Then, on rank 0, against the eager model (`manual_seed(s); Llama(cfg).to(dtype)`): whether
 the gathered parameters and buffers are bit-for-bit eager's, whether the tie survived, and whether forward on
-fixed ids matches eager's within tolerance.
+fixed ids matches eager's (largest difference over the largest logit: under 1e-4 in fp32, 5e-2 in bf16).
 
     python benchmarks/model_parallel_bench.py --size tiny --dp 2 --tp 2
     python benchmarks/model_parallel_bench.py --size 0.3b --dp 1 --tp 2 --dtype bf16
@@ -105,11 +105,10 @@ def _compare(cfg, args, full, buffers, tied, logits, ids, numbers) -> dict:
     buffers_exact = all(torch.equal(buffers[n], b) for n, b in eager.named_buffers())
     with torch.no_grad():
         want = eager(ids).float()
-    tolerance = 1e-3 if dtype == torch.float32 else 5e-2
-    close = bool(torch.isfinite(logits).all()) and torch.allclose(logits, want, atol=tolerance, rtol=tolerance)
+    relative = float((logits - want).abs().max() / want.abs().max())  # NaN for NaN logits
+    close = relative < (1e-4 if dtype == torch.float32 else 5e-2)  # reductions are reordered across ranks
     return {"seconds": max(s for s, _ in numbers), "peak_mib": max(m for _, m in numbers), "exact": exact,
-            "buffers": buffers_exact, "tied": tied, "forward": close,
-            "max_diff": float((logits - want).abs().max())}
+            "buffers": buffers_exact, "tied": tied, "forward": close, "relative": relative}
 
 
 def run_case(lib: str, args) -> dict:
@@ -131,11 +130,11 @@ def main(argv: list[str] | None = None) -> None:
     libs = ["torchinit"] + (["lightning"] if _lightning() else [])
     print(f"Llama {args.size}, {args.dtype}, mesh {args.dp}x{args.tp} (data x tensor parallel), {args.device}")
     print(f"{'':<10} {'setup s':>8} {'peak MiB/rank':>14} {'values exact':>13} {'buffers':>8} {'tied':>5} "
-          f"{'forward ok':>11} {'max |diff|':>11}")
+          f"{'forward ok':>11} {'max diff/max':>13}")
     for lib in libs:
         r = run_case(lib, args)
         print(f"{lib:<10} {r['seconds']:>8.2f} {r['peak_mib']:>14.1f} {str(r['exact']):>13} {str(r['buffers']):>8} "
-              f"{str(r['tied']):>5} {str(r['forward']):>11} {r['max_diff']:>11.2e}")
+              f"{str(r['tied']):>5} {str(r['forward']):>11} {r['relative']:>13.2e}")
 
 
 if __name__ == "__main__":

@@ -144,6 +144,7 @@ def two_ranks(fabric, folder) -> dict:
                               ("mixtral", hf_mixtral, None)):
             model, _ = setup_on(fabric, build(fabric, make, empty_init=key == "hf_untied"), dp, tp, fn)
             out[f"{key}/{dp}x{tp}"] = describe(model.module)
+    out["mixed/1x2"] = mixed(fabric)
     for dp, tp in ((1, 2), (2, 1)):
         out[f"no_record/{dp}x{tp}"] = without_record(fabric, dp, tp)
         out[f"train/{dp}x{tp}"] = training(fabric, dp, tp, lambda: Llama(llama_cfg(True)), parallelize_llama)
@@ -151,6 +152,19 @@ def two_ranks(fabric, folder) -> dict:
     out["errors"] = errors(fabric)
     out["reload"] = reload(fabric, folder)
     return out
+
+
+def mixed(fabric) -> dict:
+    """bf16-mixed: fp32 shards, bf16 autocast forward (and FSDP's bf16 compute policy from the HF plan)."""
+    module = build(fabric, lambda: hf_llama(False), dtype=torch.float32)
+    options = dataclasses.replace(fabric.plan.options, parallelize_fn=None, data_parallel_size=1,
+                                  tensor_parallel_size=2)
+    plan = dataclasses.replace(fabric.plan, options=options, precision="bf16-mixed", param_dtype=torch.float32,
+                               autocast_dtype=torch.bfloat16)
+    wrapped, _ = single.setup_module(module, plan, model_parallel.device_mesh(plan))
+    logits = wrapped(IDS).logits
+    logits.float().mean().backward()
+    return {"logits": logits.detach(), "dtypes": sorted({str(p.dtype) for p in wrapped.parameters()})}
 
 
 def without_record(fabric, dp: int, tp: int) -> dict:

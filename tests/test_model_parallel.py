@@ -119,6 +119,14 @@ def test_training_matches_one_device_and_the_loss_falls(two, four):
             assert torch.isfinite(torch.tensor(got["late"])).all(), "an optimizer made after setup steps"
 
 
+def test_bf16_mixed_runs_in_bf16_on_fp32_shards(two):
+    got = two["mixed/1x2"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = eager("hf_untied", torch.float32)(IDS).logits
+    assert got["logits"].dtype == torch.bfloat16 and got["dtypes"] == ["torch.float32"]
+    torch.testing.assert_close(got["logits"].float(), want.float(), atol=1e-2, rtol=1e-2)
+
+
 def test_errors_name_what_to_change(two):
     errors = two["errors"]
     assert errors["returns_none"].startswith("TypeError: parallelize_fn must return") and "return model" in \
