@@ -145,6 +145,7 @@ def two_ranks(fabric, folder) -> dict:
             model, _ = setup_on(fabric, build(fabric, make, empty_init=key == "hf_untied"), dp, tp, fn)
             out[f"{key}/{dp}x{tp}"] = describe(model.module)
     out["mixed/1x2"] = mixed(fabric)
+    out["swapped/1x2"] = swapped_layer(fabric)
     for dp, tp in ((1, 2), (2, 1)):
         out[f"no_record/{dp}x{tp}"] = without_record(fabric, dp, tp)
         out[f"train/{dp}x{tp}"] = training(fabric, dp, tp, lambda: Llama(llama_cfg(True)), parallelize_llama)
@@ -152,6 +153,16 @@ def two_ranks(fabric, folder) -> dict:
     out["errors"] = errors(fabric)
     out["reload"] = reload(fabric, folder)
     return out
+
+
+def swapped_layer(fabric) -> dict:
+    """A recorded model with one layer swapped in on meta (no record for it): the rest replays, that one gets its
+    own init."""
+    module = build(fabric, lambda: Llama(llama_cfg(False)))
+    with torchinit.InitContext("cpu", fabric.plan.param_dtype, meta=True):
+        module.layers[1].mlp.down_proj = nn.Linear(44, 64, bias=False)
+    wrapped, _ = setup_on(fabric, module, 1, 2)
+    return describe(wrapped.module)
 
 
 def mixed(fabric) -> dict:

@@ -106,6 +106,16 @@ def test_record_init_false_gives_a_single_process_materialize(two):
         assert got["ties"] == [["embed.weight", "lm_head.weight"]]
 
 
+def test_a_layer_the_record_does_not_cover_gets_its_init_and_the_rest_replays(two):
+    got, want = two["swapped/1x2"], eager("llama_untied", torch.bfloat16)
+    swapped = "layers.1.mlp.down_proj.weight"
+    for name, p in want.named_parameters():
+        if name != swapped:
+            assert torch.equal(got["full"][name], p), name
+    assert torch.isfinite(got["full"][swapped]).all() and not torch.equal(got["full"][swapped], dict(
+        want.named_parameters())[swapped])
+
+
 def test_training_matches_one_device_and_the_loss_falls(two, four):
     for key, kind in (("train/1x2", "llama"), ("train/2x1", "llama"), ("train_hf/1x2", "hf_untied"),
                       ("train_hf/2x1", "hf_untied"), ("train/2x2", "llama")):

@@ -111,12 +111,15 @@ class Checkpoint(Mapping):
                 dcp[entry.key] = t
                 dcp_bytes += _local(t).numel() * entry.dtype.itemsize
                 continue
-            if isinstance(entry, Entry):
-                lazy += _local_pieces(entry, t)
-            elif is_distributed(t):
-                eager.append((entry[tuple(slice(o, o + n) for o, n in local_box(t))], t.to_local()))
-            else:
-                eager.append((entry, t))
+            try:
+                if isinstance(entry, Entry):
+                    lazy += _local_pieces(entry, t)
+                elif is_distributed(t):
+                    eager.append((entry[tuple(slice(o, o + n) for o, n in local_box(t))], t.to_local()))
+                else:
+                    eager.append((entry, t))
+            except ValueError as error:
+                raise CheckpointError(f"{self.path}: cannot load {key!r} into a DTensor ({error}).") from None
         done = self._fill(lazy, eager)
         if dcp:
             read_dcp(self.path, dcp)  # a DCP checkpoint's path is its folder

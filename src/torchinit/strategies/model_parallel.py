@@ -62,7 +62,7 @@ def shard(module: nn.Module, plan: Plan, mesh: DeviceMesh) -> tuple[nn.Module, d
     if recorded is not None and fsdp._covers_all_meta(module, recorded):
         materialize(module, plan.device, plan.param_dtype, recorded=recorded, check_values=False)
     else:
-        _materialize_by_module(module, plan)
+        _materialize_by_module(module, plan, recorded)
     verify(module, ties)
     now = dict(module.named_parameters())
     return parallelized, {old_id: now[name] for old_id, (name, _) in before.items() if name in now}
@@ -120,9 +120,10 @@ def _check_ties(module: nn.Module, ties) -> None:
                          "every module that uses them in the same way.")
 
 
-def _materialize_by_module(module: nn.Module, plan: Plan) -> None:
-    """Without a record: children first, each module's meta tensors get full plain placeholders, its own init runs
-    on them (the same random stream on every rank), and each rank keeps its part of every DTensor."""
+def _materialize_by_module(module: nn.Module, plan: Plan, recorded) -> None:
+    """Without a record covering every tensor: children first, each module's meta tensors get full plain
+    placeholders, filled from the record where it covers them and else by the module's own init (the same random
+    stream on every rank), and each rank keeps its part of every DTensor."""
     for _, sub in _post_order(module):
         swapped = []
         for table in (sub._parameters, sub._buffers):
@@ -131,6 +132,8 @@ def _materialize_by_module(module: nn.Module, plan: Plan) -> None:
                     full = torch.empty(t.shape, dtype=t.dtype, device="meta")
                     table[name] = nn.Parameter(full, requires_grad=t.requires_grad) if table is sub._parameters \
                         else full
+                    if recorded is not None:
+                        recorded.rebind(t, table[name])  # the record fills the full placeholder
                     swapped.append((table, name, t))
         if _has_meta(sub):
             materialize(sub, plan.device, plan.param_dtype, check_values=False)
