@@ -189,10 +189,13 @@ class Recording:
         return entry is not None and entry[0] is tensor
 
     def rebind(self, old: torch.Tensor, new: torch.Tensor) -> None:
-        """`new` replaces the placeholder `old` (FSDP made a sharded Parameter from it)."""
+        """`new` replaces the placeholder `old` (FSDP or TP made a sharded Parameter from it, or model parallel a full
+        placeholder to init before keeping its part)."""
         entry = self.targets.pop(id(old), None)
         if entry is not None:
             self.targets[id(new)] = (new, entry[1])
+            if id(old) in self.cache:  # finished while replaying for other targets
+                self.cache[id(new)] = self.cache.pop(id(old))
 
     def replay(self, targets: dict[str, torch.Tensor]) -> None:
         """Write the recorded values into `targets` (tensors this record covers, with memory now)."""
