@@ -17,9 +17,10 @@ def assert_bitwise_equal(got: nn.Module, want: nn.Module) -> None:
     assert not wrong, f"differ from eager: {wrong}"
 
 
-def on_fake_ranks(world: int, fn, **fabric_kwargs) -> list:
-    """`fn(fabric)` for each rank of a `world`-rank FSDP fabric, one after another in this process, each under
-    the fake process group (collectives do nothing): per-rank results of a world size no machine here has."""
+def on_fake_ranks(world: int, fn, strategy="fsdp", **fabric_kwargs) -> list:
+    """`fn(fabric)` for each rank of a `world`-rank FSDP (or `strategy`) fabric, one after another in this process,
+    each under the fake process group (collectives do nothing): per-rank results of a world size no machine here
+    has."""
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
@@ -27,7 +28,7 @@ def on_fake_ranks(world: int, fn, **fabric_kwargs) -> list:
 
     results = []
     for rank in range(world):
-        fabric = torchinit.Fabric(accelerator="cpu", strategy="fsdp", devices=world, **fabric_kwargs)
+        fabric = torchinit.Fabric(accelerator="cpu", strategy=strategy, devices=world, **fabric_kwargs)
         dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
         try:
             fabric._ranks, fabric._launched = Ranks(rank, rank, 0, world), True

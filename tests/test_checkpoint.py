@@ -393,9 +393,9 @@ def test_fabric_load_checks_what_it_is_given(tmp_path):
         fabric.load(tmp_path / "model.safetensors", {"a": nn.Linear(2, 2), "b": nn.Linear(2, 2)})
 
 
-def test_dtensors_other_than_dim_0_shards_are_refused(tmp_path):
+def test_dtensors_get_their_part_and_partial_sums_are_refused(tmp_path):
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Replicate, distribute_tensor
+    from torch.distributed.tensor import Partial, Replicate, distribute_tensor
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     torch.distributed.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
@@ -403,8 +403,12 @@ def test_dtensors_other_than_dim_0_shards_are_refused(tmp_path):
         mesh = init_device_mesh("cpu", (2,))
         holder = nn.Module()
         holder.w = nn.Parameter(distribute_tensor(torch.zeros(4), mesh, [Replicate()]))
-        path = write("pt", {"w": torch.ones(4)}, tmp_path)
-        with pytest.raises(torchinit.CheckpointError, match=r"placements \(Replicate\(\),\) is not supported"):
+        path = write("pt", {"w": torch.arange(4.0)}, tmp_path)
+        torchinit.load_checkpoint(holder, path)
+        assert torch.equal(holder.w.to_local(), torch.arange(4.0)), "replicated: the whole value"
+        holder.w = nn.Parameter(distribute_tensor(torch.zeros(4), mesh, [Partial()]))
+        with pytest.raises(torchinit.CheckpointError, match=r"pt: cannot load 'w' into a DTensor .*partial sums"):
             torchinit.load_checkpoint(holder, path)
+        assert torch.equal(holder.w.to_local(), torch.zeros(4)), "unchanged"
     finally:
         torch.distributed.destroy_process_group()

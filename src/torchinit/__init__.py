@@ -16,12 +16,12 @@ from torchinit.materialize.materialize import (
 from torchinit.materialize.memory import InsufficientMemoryError
 from torchinit.materialize.unwritten import unwritten_names
 from torchinit.materialize.verify import VerificationError, tie_groups, verify
-from torchinit.plan import DeepSpeedStrategy, FSDPStrategy
+from torchinit.plan import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
 __all__ = [
     "Checkpoint", "CheckpointError", "DeepSpeedStrategy", "FSDPStrategy", "Fabric", "InitContext",
-    "InsufficientMemoryError", "LoadReport", "MaterializeError", "MaterializeReport", "RecordContext", "RecordError",
-    "RecordedInit", "VerificationError", "load_checkpoint", "materialize", "nan_poison", "open_checkpoint",
-    "register_init", "seed_everything", "tie_groups", "unwritten_names", "verify",
+    "InsufficientMemoryError", "LoadReport", "MaterializeError", "MaterializeReport", "ModelParallelStrategy",
+    "RecordContext", "RecordError", "RecordedInit", "VerificationError", "load_checkpoint", "materialize",
+    "nan_poison", "open_checkpoint", "register_init", "seed_everything", "tie_groups", "unwritten_names", "verify",
 ]
 __version__ = "0.1.0"

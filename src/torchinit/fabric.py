@@ -21,7 +21,7 @@ from torchinit.init.context import InitContext
 from torchinit.init.record import RecordContext
 from torchinit.plan import make_plan
 from torchinit.strategies import deepspeed as ds
-from torchinit.strategies import fsdp, single
+from torchinit.strategies import fsdp, model_parallel, single
 
 
 class Fabric:
@@ -54,6 +54,7 @@ class Fabric:
         self._ranks = launcher.Ranks()
         self._sharded: dict[int, nn.Parameter] = {}  # id(parameter before setup) -> the one sharding made
         self._engine: ds.Engine | None = None  # DeepSpeed's, once setup made it
+        self._mesh = None  # model parallel: the 2-D device mesh, made once the processes are joined
         self._launched = not self.plan.multi_process
         if seed is not None:
             seed_everything(seed)
@@ -83,6 +84,18 @@ class Fabric:
     def is_global_zero(self) -> bool:
         return self._ranks.global_rank == 0
 
+    @property
+    def device_mesh(self):
+        """The `DeviceMesh` of ModelParallelStrategy: 2-D, dims "data_parallel" (outer) and "tensor_parallel";
+        `fabric.device_mesh["tensor_parallel"]` is the 1-D mesh of one dimension. Made in `launch()`."""
+        if self.plan.strategy != "model_parallel":
+            raise RuntimeError(f"fabric.device_mesh belongs to ModelParallelStrategy; this Fabric runs "
+                               f"strategy={self.plan.strategy!r}.")
+        self._require_launch("fabric.device_mesh")
+        if self._mesh is None:
+            self._mesh = model_parallel.device_mesh(self.plan)
+        return self._mesh
+
     def _require_launch(self, what: str) -> None:
         if not self._launched:
             raise RuntimeError(
@@ -101,11 +114,12 @@ class Fabric:
         self._require_launch("init_module()")
         if self.plan.strategy == "deepspeed":
             return self._deepspeed_init(bool(empty_init))
-        # FSDP never builds the full model: parameters on meta, materialized shard by shard in setup; by default
-        # their init is recorded (with or without empty_init: it is cheap) and replayed there.
-        if self.plan.strategy == "fsdp" and self.plan.options.record_init:
+        # FSDP and model parallel never build the full model: parameters on meta, materialized shard by shard in
+        # setup; by default their init is recorded (with or without empty_init: it is cheap) and replayed there.
+        sharded = self.plan.strategy in ("fsdp", "model_parallel")
+        if sharded and self.plan.options.record_init:
             return RecordContext(self.plan.device, self.plan.param_dtype)
-        meta = self.plan.strategy == "fsdp"
+        meta = sharded
         return InitContext(self.plan.device, self.plan.param_dtype, empty_init=bool(empty_init), meta=meta)
 
     def _deepspeed_init(self, empty_init: bool) -> InitContext | RecordContext:
@@ -141,7 +155,8 @@ class Fabric:
 
     def setup_module(self, module: nn.Module) -> single.FabricModule:
         self._require_launch("setup_module()")
-        wrapped, sharded = single.setup_module(module, self.plan)
+        mesh = self.device_mesh if self.plan.strategy == "model_parallel" else None
+        wrapped, sharded = single.setup_module(module, self.plan, mesh)
         self._sharded.update(sharded)
         if isinstance(wrapped._forward_module, ds.Engine):
             self._engine = wrapped._forward_module
@@ -169,17 +184,17 @@ class Fabric:
     def save(self, path: str | os.PathLike, state: dict[str, Any], format: str | None = None) -> None:
         """Save modules, optimizers and plain values, atomically (a crash never leaves a half-written `path`).
 
-        One device and DDP: rank 0 writes one file. FSDP: a `torch.distributed.checkpoint` folder, each rank
-        writing its own shards (optimizer state included). DeepSpeed: the engine's folder (each rank its
-        partitions). `format="safetensors"`: `state` holds one module, written as a transformers-style folder
-        (sharded safetensors files and their index), each rank writing its own shards into the final files.
-        Every rank must call it; all return once `path` is in place."""
+        One device and DDP: rank 0 writes one file. FSDP and model parallel: a `torch.distributed.checkpoint`
+        folder (loadable into another world size or mesh shape), each rank writing its own shards (optimizer state
+        included). DeepSpeed: the engine's folder (each rank its partitions). `format="safetensors"`: `state` holds
+        one module, written as a transformers-style folder (sharded safetensors files and their index), each rank
+        writing its own shards into the final files. Every rank must call it; all return once `path` is in place."""
         if format == "safetensors":
             export.save_safetensors_folder(path, state)
             return
         if format is not None:
             raise ValueError(f"format={format!r} is not supported: use None (the strategy's own) or 'safetensors'.")
-        if self.plan.strategy == "fsdp":
+        if self.plan.strategy in ("fsdp", "model_parallel"):  # DCP: each rank its shards, any placement
             sharded.save_fsdp(path, state)
             return
         if self.plan.strategy == "deepspeed":
@@ -195,15 +210,16 @@ class Fabric:
         holds beyond `state` (everything, if `state` is None).
 
         `path` may be what `save` wrote under any strategy and world size (a file, a DCP folder, a DeepSpeed
-        folder, a safetensors file or folder): see checkpoint/restore.py. Under FSDP and DeepSpeed `state` is
-        required and each rank reads only its own shards into the modules and optimizers given. `strict` also
-        checks module keys."""
-        if self.plan.strategy in ("fsdp", "deepspeed"):
+        folder, a safetensors file or folder): see checkpoint/restore.py. Under FSDP, model parallel (a DCP
+        folder also into another mesh shape) and DeepSpeed `state` is required and each rank reads only its own
+        shards into the modules and optimizers given. `strict` also checks module keys."""
+        if self.plan.strategy in ("fsdp", "model_parallel", "deepspeed"):
             if not state:
                 raise ValueError(f"fabric.load under strategy={self.plan.strategy!r} reads shards into the objects "
                                  "they belong to: pass state={'model': model, 'optimizer': optimizer, ...}.")
             dtype = ds.param_dtype(self.plan) if self.plan.strategy == "deepspeed" else self.plan.param_dtype
-            return restore.load(path, state, strict, self.plan.strategy, self.device, dtype, self._engine)
+            target = "fsdp" if self.plan.strategy == "model_parallel" else self.plan.strategy  # DTensors either way
+            return restore.load(path, state, strict, target, self.device, dtype, self._engine)
         if state is None:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return restore.load(path, state, strict, "plain", self.device, self.plan.param_dtype)
@@ -268,6 +284,8 @@ class Fabric:
     def _join(self, ranks: launcher.Ranks, init_method: str) -> None:
         self.plan = launcher.join(self.plan, ranks, init_method)
         self._ranks, self._launched = ranks, True
+        if self.plan.strategy == "model_parallel":  # every rank, now: making the mesh is collective
+            self._mesh = model_parallel.device_mesh(self.plan)
 
     def barrier(self, name: str | None = None) -> None:
         """Wait until every process gets here."""

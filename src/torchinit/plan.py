@@ -73,6 +73,53 @@ class DeepSpeedStrategy:
     def __post_init__(self) -> None:
         if self.stage not in (1, 2, 3):
             raise ValueError(f"DeepSpeedStrategy(stage={self.stage!r}): ZeRO stages are 1, 2 and 3.")
+
+
+@dataclass(frozen=True)
+class ModelParallelStrategy:
+    """Tensor parallel x FSDP2 on a 2-D device mesh: `Fabric(strategy=ModelParallelStrategy(...))`.
+
+    The argument names are Lightning's, so code switches by changing the import.
+
+    Args:
+        parallelize_fn: `fn(model, device_mesh) -> model`, run in `setup` on the model while it is on meta: it
+            applies `parallelize_module` on `device_mesh["tensor_parallel"]` and `fully_shard` on
+            `device_mesh["data_parallel"]`. None: a transformers model's own TP plan (`_tp_plan` /
+            `base_model_tp_plan`), then `fully_shard` of each block.
+        data_parallel_size: ranks in the data-parallel (FSDP) dimension; "auto": the number of nodes (or what the
+            world size leaves after `tensor_parallel_size`).
+        tensor_parallel_size: ranks in the tensor-parallel dimension; "auto": the devices of one node (or what
+            the world size leaves after `data_parallel_size`).
+        record_init: as for `FSDPStrategy`: record the init in `init_module()` and replay it into the shards.
+    """
+
+    parallelize_fn: Callable[[nn.Module, object], nn.Module] | None = None
+    data_parallel_size: int | str = "auto"
+    tensor_parallel_size: int | str = "auto"
+    record_init: bool = True
+
+    def resolved(self, world_size: int, num_nodes: int) -> ModelParallelStrategy:
+        """The same options with both sizes as numbers, checked against the world size."""
+        for name in ("data_parallel_size", "tensor_parallel_size"):
+            value = getattr(self, name)
+            if value != "auto" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"ModelParallelStrategy({name}={value!r}): use a positive number or 'auto'.")
+        dp, tp = self.data_parallel_size, self.tensor_parallel_size
+        if dp == "auto" and tp == "auto":
+            dp, tp = num_nodes, world_size // num_nodes
+        elif dp == "auto":
+            dp = world_size // tp if world_size % tp == 0 else 0
+        elif tp == "auto":
+            tp = world_size // dp if world_size % dp == 0 else 0
+        if dp * tp != world_size:
+            raise ValueError(
+                f"ModelParallelStrategy(data_parallel_size={self.data_parallel_size!r}, tensor_parallel_size="
+                f"{self.tensor_parallel_size!r}): the mesh must hold all {world_size} processes (devices x num_nodes)"
+                f", so the two sizes must multiply to {world_size}. Change one of them (or devices).")
+        return dataclasses.replace(self, data_parallel_size=dp, tensor_parallel_size=tp)
+
+
+MODEL_PARALLEL_PRECISIONS = ("64-true", "32-true", "bf16-true", "16-true", "bf16-mixed")
 MULTI_PROCESS_STRATEGIES = AVAILABLE_MULTI_PROCESS
 
 
@@ -92,7 +139,7 @@ class Plan:
     strategy: str
     device_indices: tuple[int, ...] = (0,)
     num_nodes: int = 1
-    options: FSDPStrategy | DeepSpeedStrategy | None = None  # the strategy's settings, where it has any
+    options: FSDPStrategy | DeepSpeedStrategy | ModelParallelStrategy | None = None  # the strategy's settings
 
     @property
     def mixed(self) -> bool:
@@ -189,6 +236,8 @@ def resolve_devices(accelerator: str, devices: object, multi_process: bool) -> t
 def resolve_strategy(strategy: object, num_devices: int) -> str:
     if isinstance(strategy, FSDPStrategy):
         return "fsdp"
+    if isinstance(strategy, ModelParallelStrategy):
+        return "model_parallel"
     if isinstance(strategy, DeepSpeedStrategy) or strategy in DEEPSPEED_STAGES:
         if importlib.util.find_spec("deepspeed") is None:
             raise RuntimeError(f"strategy={strategy!r} needs DeepSpeed, which is not installed: "
@@ -209,8 +258,8 @@ def resolve_strategy(strategy: object, num_devices: int) -> str:
     )
 
 
-def _options(strategy: object, resolved: str) -> FSDPStrategy | DeepSpeedStrategy | None:
-    if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy)):
+def _options(strategy: object, resolved: str) -> FSDPStrategy | DeepSpeedStrategy | ModelParallelStrategy | None:
+    if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
         return strategy
     if resolved == "fsdp":
         return FSDPStrategy()
@@ -223,10 +272,19 @@ def make_plan(accelerator: str, strategy: object, devices: object, num_nodes: in
     if not isinstance(num_nodes, int) or isinstance(num_nodes, bool) or num_nodes < 1:
         raise ValueError(f"num_nodes={num_nodes!r} is not valid: use a positive number.")
     resolved_accelerator = resolve_accelerator(accelerator)
-    objects = (FSDPStrategy, DeepSpeedStrategy)
+    objects = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
     wants_many = isinstance(strategy, objects) or strategy not in SINGLE_DEVICE_STRATEGIES or num_nodes > 1
     indices = resolve_devices(resolved_accelerator, devices, wants_many)
     resolved_strategy = resolve_strategy(strategy, len(indices) * num_nodes)
+    options = _options(strategy, resolved_strategy)
+    if resolved_strategy == "model_parallel":
+        options = options.resolved(len(indices) * num_nodes, num_nodes)
+        given = _PRECISION_ALIASES.get(precision, precision) if isinstance(precision, (str, int)) else precision
+        if given in PRECISIONS and given not in MODEL_PARALLEL_PRECISIONS:  # before '16-mixed' turns into bf16 on CPU
+            raise ValueError(
+                f"ModelParallelStrategy does not support precision={precision!r}: fp16 autocast needs a gradient "
+                "scaler, which does not work on tensor-parallel shards. Choose one of: "
+                f"{', '.join(MODEL_PARALLEL_PRECISIONS)}.")
     name = parse_precision(precision, resolved_accelerator)
     param_dtype, autocast_dtype = PRECISIONS[name]
     return Plan(
@@ -238,5 +296,5 @@ def make_plan(accelerator: str, strategy: object, devices: object, num_nodes: in
         strategy=resolved_strategy,
         device_indices=indices,
         num_nodes=num_nodes,
-        options=_options(strategy, resolved_strategy),
+        options=options,
     )

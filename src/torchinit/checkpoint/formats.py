@@ -9,6 +9,7 @@ nested dicts (`state_dict`, `model`, `module`, Lightning checkpoints) or picked 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import pickle
@@ -22,6 +23,7 @@ import torch
 
 from torchinit.checkpoint import safetensors
 from torchinit.checkpoint.safetensors import CheckpointError, Entry
+from torchinit.materialize.placement import is_distributed, local_box
 
 NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module")
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -97,8 +99,9 @@ class Checkpoint(Mapping):
     def load_into(self, pairs: list[tuple[str, torch.Tensor]]) -> int:
         """Fill each tensor with the value under its key (cast as `copy_` would); returns bytes read.
 
-        A destination sharded on dim 0 (an FSDP2 DTensor) gets only this rank's rows, and for safetensors only
-        those rows' bytes are read (shard-on-read: no rank reads the whole tensor, no broadcast). From a DCP
+        A DTensor destination (FSDP2 rows, TP rows or column blocks, 2-D meshes) gets only this rank's part,
+        and for safetensors only that part's bytes are read (shard-on-read: no rank reads the whole tensor, no
+        broadcast). From a DCP
         folder any DTensor gets its shard, reading only the saved chunks that overlap it.
         """
         lazy, eager, dcp, dcp_bytes = [], [], {}, 0
@@ -108,12 +111,15 @@ class Checkpoint(Mapping):
                 dcp[entry.key] = t
                 dcp_bytes += _local(t).numel() * entry.dtype.itemsize
                 continue
-            rows = _local_rows(t)
-            local = t.to_local() if rows is not None else t
-            if isinstance(entry, Entry):
-                lazy.append((_rows_of(entry, rows) if rows is not None else entry, local))
-            else:
-                eager.append((entry[rows[0]:rows[1]] if rows is not None else entry, local))
+            try:
+                if isinstance(entry, Entry):
+                    lazy += _local_pieces(entry, t)
+                elif is_distributed(t):
+                    eager.append((entry[tuple(slice(o, o + n) for o, n in local_box(t))], t.to_local()))
+                else:
+                    eager.append((entry, t))
+            except ValueError as error:
+                raise CheckpointError(f"{self.path}: cannot load {key!r} into a DTensor ({error}).") from None
         done = self._fill(lazy, eager)
         if dcp:
             read_dcp(self.path, dcp)  # a DCP checkpoint's path is its folder
@@ -151,26 +157,30 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def _local_rows(t: torch.Tensor) -> tuple[int, int] | None:
-    """This rank's rows of a DTensor sharded on dim 0 over a 1-D mesh (torch.chunk layout), else None."""
-    placements = getattr(t, "placements", None)
-    if placements is None:
-        return None
-    if len(placements) != 1 or not placements[0].is_shard(0):
-        raise CheckpointError(f"loading into a DTensor with placements {placements} is not supported (dim-0 shards "
-                              "on one mesh dimension are, as FSDP2 makes them).")
-    mesh = t.device_mesh
-    size, rank = mesh.size(), mesh.get_local_rank()
-    chunk = -(-t.shape[0] // size) if t.shape[0] else 0
-    start = min(rank * chunk, t.shape[0])
-    return start, min(start + chunk, t.shape[0])
-
-
-def _rows_of(entry: Entry, rows: tuple[int, int]) -> Entry:
-    """The byte range of rows [a, b) of a row-major tensor in the file."""
-    row = (entry.end - entry.start) // entry.shape[0] if entry.shape and entry.shape[0] else 0
-    shape = (rows[1] - rows[0], *entry.shape[1:])
-    return Entry(entry.path, entry.dtype, shape, entry.start + rows[0] * row, entry.start + rows[1] * row)
+def _local_pieces(entry: Entry, t: torch.Tensor) -> list[tuple[Entry, torch.Tensor]]:
+    """The byte ranges of a row-major tensor in the file that hold this rank's part of `t`, each with where it
+    goes: all of it for a plain tensor, one run of rows for a dim-0 shard (FSDP2), and one run per row for a
+    column block (TP's Shard(1)): exactly the part's bytes, read in place."""
+    if not is_distributed(t):
+        return [(entry, t)]
+    box, local = local_box(t), t.to_local()
+    if any(n == 0 for _, n in box):
+        return []
+    shape, size = entry.shape, entry.dtype.itemsize
+    partial = [d for d, (o, n) in enumerate(box) if (o, n) != (0, shape[d])]
+    if not partial:
+        return [(entry, local)]
+    last = partial[-1]  # dims after it are whole: each run is contiguous in the file
+    inner = math.prod(shape[last + 1:])
+    strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
+    pieces = []
+    for index in itertools.product(*(range(o, o + n) for o, n in box[:last])):
+        first = sum(i * strides[d] for d, i in enumerate(index)) + box[last][0] * strides[last]
+        count = box[last][1] * inner
+        out = local[tuple(i - box[d][0] for d, i in enumerate(index))]
+        pieces.append((Entry(entry.path, entry.dtype, tuple(out.shape), entry.start + first * size,
+                             entry.start + (first + count) * size), out))
+    return pieces
 
 
 def open_checkpoint(path: str | Path, select: str | None = None, mmap: bool = True) -> Checkpoint:

@@ -4,7 +4,7 @@
 2. The ops run in recorded order on the record's device (CPU and CUDA draw different random numbers), in the
    default dtype of construction; each input is the real tensor of the node it refers to.
 3. When the last op touching a target's memory has run, the value is written into the target (cast as
-   `Module.to(dtype)` would; a sharded target keeps only its rows) and memory no later op needs is freed.
+   `Module.to(dtype)` would; a sharded target keeps only its part) and memory no later op needs is freed.
    So a replay holds the targets plus the tensors still in use: one full parameter at a time for a sharded
    model.
 A replay can stop early (the targets asked for are written) and go on later: values finished on the way
@@ -21,6 +21,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from torchinit.init.record import Alias, Const, Gen, Record, Ref
+from torchinit.materialize.placement import is_distributed, local_part
 
 
 class _Replayer:
@@ -191,10 +192,13 @@ class Recording:
         return entry is not None and entry[0] is tensor
 
     def rebind(self, old: torch.Tensor, new: torch.Tensor) -> None:
-        """`new` replaces the placeholder `old` (FSDP made a sharded Parameter from it)."""
+        """`new` replaces the placeholder `old` (FSDP or TP made a sharded Parameter from it, or model parallel a full
+        placeholder to init before keeping its part)."""
         entry = self.targets.pop(id(old), None)
         if entry is not None:
             self.targets[id(new)] = (new, entry[1])
+            if id(old) in self.cache:  # finished while replaying for other targets
+                self.cache[id(new)] = self.cache.pop(id(old))
 
     def replay(self, targets: dict[str, torch.Tensor]) -> None:
         """Write the recorded values into `targets` (tensors this record covers, with memory now)."""
@@ -244,15 +248,12 @@ def _set_loose(module_ref: weakref.ref, name: str, placeholder: torch.Tensor, va
 
 
 def _write(target: torch.Tensor, value: torch.Tensor) -> None:
-    """Copy a full value into a target; a DTensor sharded on dim 0 keeps only its own rows."""
-    from torchinit.checkpoint.formats import _local_rows
-
-    rows = _local_rows(target)
+    """Copy a full value into a target; a DTensor (FSDP2 / tensor-parallel shard) keeps only its own part."""
     with torch.no_grad():
-        if rows is None:
-            target.copy_(value)
+        if is_distributed(target):
+            target.to_local().copy_(local_part(target, value))
         else:
-            target.to_local().copy_(value[rows[0]:rows[1]])
+            target.copy_(value)
 
 
 class Recordings:

@@ -194,3 +194,32 @@ class Llama(nn.Module):
         for layer in self.layers:
             x = layer(x, cos, sin)
         return self.lm_head(self.norm(x))
+
+
+def parallelize(model: Llama, device_mesh) -> Llama:
+    """A parallelize_fn for `ModelParallelStrategy` (torchinit's or Lightning's): attention and MLP projections
+    column- / row-wise on `device_mesh["tensor_parallel"]` (each rank keeps its heads), the embedding by rows and
+    the head by columns (tied again when the model ties them), then `fully_shard` of each block and the root on
+    `device_mesh["data_parallel"]`."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    tp = device_mesh["tensor_parallel"]
+    if tp.size() > 1:
+        for block in model.layers:
+            parallelize_module(block, tp, {
+                "attn.q_proj": ColwiseParallel(), "attn.k_proj": ColwiseParallel(), "attn.v_proj": ColwiseParallel(),
+                "attn.o_proj": RowwiseParallel(), "mlp.gate_proj": ColwiseParallel(),
+                "mlp.up_proj": ColwiseParallel(), "mlp.down_proj": RowwiseParallel(),
+            })
+            block.attn.num_heads //= tp.size()
+            block.attn.num_kv_heads //= tp.size()
+        parallelize_module(model, tp, {"embed": RowwiseParallel(input_layouts=Replicate()),
+                                       "lm_head": ColwiseParallel(output_layouts=Replicate())})
+        if model.cfg.tie_embeddings:  # both Shard(0) on the TP mesh: one tensor again
+            model.lm_head.weight = model.embed.weight
+    for block in model.layers:
+        fully_shard(block, mesh=device_mesh["data_parallel"])
+    fully_shard(model, mesh=device_mesh["data_parallel"])
+    return model

@@ -13,7 +13,7 @@ from torchinit.init.record import records_of
 from torchinit.materialize import unwritten
 from torchinit.materialize.materialize import materialize
 from torchinit.plan import Plan
-from torchinit.strategies import ddp, deepspeed, fsdp
+from torchinit.strategies import ddp, deepspeed, fsdp, model_parallel
 
 
 def autocast(plan: Plan):
@@ -30,10 +30,11 @@ def grad_scaler(plan: Plan) -> torch.amp.GradScaler | None:
     return None
 
 
-def setup_module(module: nn.Module, plan: Plan) -> tuple[FabricModule, dict[int, nn.Parameter]]:
+def setup_module(module: nn.Module, plan: Plan, mesh=None) -> tuple[FabricModule, dict[int, nn.Parameter]]:
     """Materialize on the plan's device and dtype (meta and unwritten tensors get their init), verify, wrap.
 
-    Returns the wrapper and, where sharding replaced Parameter objects (FSDP), {id(old): new}. Otherwise
+    Returns the wrapper and, where sharding replaced Parameter objects (FSDP, model parallel on `mesh`),
+    {id(old): new}. Otherwise
     materialization swaps data into the same Parameter objects, so optimizers made before stay valid.
     """
     if isinstance(module, FabricModule):
@@ -48,6 +49,9 @@ def setup_module(module: nn.Module, plan: Plan) -> tuple[FabricModule, dict[int,
     empty = unwritten.unwritten_names(module)
     if plan.strategy == "fsdp":
         return FabricModule(module, plan), fsdp.shard(module, plan, plan.options)
+    if plan.strategy == "model_parallel":
+        forward, sharded = model_parallel.shard(module, plan, mesh)
+        return FabricModule(forward, plan, original=module), sharded
     if plan.strategy == "deepspeed":
         return _setup_deepspeed(module, plan), {}
     materialize(module, plan.device, plan.param_dtype)

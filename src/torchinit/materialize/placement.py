@@ -1,0 +1,65 @@
+"""A rank's part of a full tensor, for any DTensor placement (FSDP2's Shard(0), TP's Shard(0)/Shard(1)/Replicate
+and their 2-D combinations, _StridedShard included), computed locally from the full value: no collectives.
+
+`local_part` is what replay writes into a shard; `local_box` is where that part sits in the full tensor (per
+dimension: start and length), which is what a checkpoint reader needs to read only those bytes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def is_distributed(t: torch.Tensor) -> bool:
+    return hasattr(t, "placements") and hasattr(t, "device_mesh")
+
+
+def _check(t: torch.Tensor) -> None:
+    partial = [p for p in t.placements if p.is_partial()]
+    if partial:
+        raise ValueError(f"a DTensor with placements {t.placements} holds partial sums: no rank's part is a slice of "
+                         "the full value; use Shard or Replicate placements for parameters.")
+
+
+def _coordinate(target: torch.Tensor) -> list[int]:
+    """This rank's index on each mesh dimension, found from its global rank in the mesh's rank layout (not from
+    the mesh object's own rank: the fake process group runs several ranks in one process, and DTensor caches
+    specs by mesh equality, which ignores the rank)."""
+    import torch.distributed as dist
+
+    layout = target.device_mesh.mesh
+    found = (layout == dist.get_rank()).nonzero()
+    if found.shape[0] != 1:
+        raise ValueError(f"rank {dist.get_rank()} is not in the DTensor's device mesh {layout.tolist()}.")
+    return found[0].tolist()
+
+
+def local_part(target: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """This rank's part of the full `value` laid out as `target` (a DTensor) is: mesh dimension by mesh dimension,
+    each Shard/_StridedShard split as `distribute_tensor` splits it (torch.chunk layout), Replicate kept whole."""
+    from torch.distributed.tensor.placement_types import Shard, _StridedShard
+
+    _check(target)
+    if tuple(value.shape) != tuple(target.shape):
+        raise ValueError(f"the full value has shape {tuple(value.shape)}, the DTensor {tuple(target.shape)}")
+    mesh, local = target.device_mesh, value.detach()
+    for d, (placement, index) in enumerate(zip(target.placements, _coordinate(target), strict=True)):
+        if isinstance(placement, (Shard, _StridedShard)):  # (`is_shard()` is False for _StridedShard)
+            local = placement._select_split_tensor(local, mesh.size(d), index, with_padding=False, contiguous=False,
+                                                   clone=False)
+    return local
+
+
+def local_box(target: torch.Tensor) -> tuple[tuple[int, int], ...]:
+    """(start, length) per dimension of this rank's part of `target` (a DTensor) in the full tensor: one block
+    (a shard of a shard of one dimension, in either order, is one run of rows)."""
+    from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
+
+    _check(target)
+    coordinate = _coordinate(target)
+    shape, offset = _compute_local_shape_and_global_offset(target.shape, target.device_mesh.shape,
+                                                           lambda d: coordinate[d], target.placements)
+    if tuple(shape) != tuple(target.to_local().shape):
+        raise ValueError(f"cannot place this rank's part of a DTensor with placements {target.placements}: its "
+                         f"local shape {tuple(target.to_local().shape)} is not the computed {tuple(shape)}.")
+    return tuple(zip(offset, shape, strict=True))
