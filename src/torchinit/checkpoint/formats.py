@@ -153,6 +153,20 @@ class Checkpoint(Mapping):
         return done
 
 
+def _local_rows(t: torch.Tensor) -> tuple[int, int] | None:
+    """This rank's rows [start, end) of a DTensor whose part is a run of whole rows (FSDP2's dim-0 shards, on any
+    mesh), else None for a plain tensor. Other layouts (TP's column blocks) are refused: the callers (the
+    DeepSpeed-folder reader, the safetensors export) write rows."""
+    if not is_distributed(t):
+        return None
+    box = local_box(t)
+    if any((o, n) != (0, t.shape[d]) for d, (o, n) in enumerate(box) if d > 0):
+        raise CheckpointError(f"a DTensor with placements {t.placements} holds a block of columns, not whole rows; "
+                              "only row shards (FSDP2) are supported here.")
+    start, length = box[0] if box else (0, 0)
+    return start, start + length
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
