@@ -133,11 +133,18 @@ def test_a_slot_is_refilled_only_after_its_copy_is_done(monkeypatch, tmp_path):
         assert_same_bits(targets[key], want.to(torch.bfloat16))
 
 
-def test_a_file_truncated_during_a_staged_read_is_named(tmp_path):
+def test_a_file_truncated_during_a_staged_read_is_named(monkeypatch, tmp_path):
     path = tmp_path / "model.safetensors"
     save_file({"a": torch.randn(1000, 700), "b": torch.randn(1000, 700)}, path)
     entries, _ = reader.read_header(path)
-    os.truncate(path, path.stat().st_size - 1000)  # after the header was checked: the reads find the end
+    opened = reader._open
+
+    def open_then_truncate(*args):  # after the file was checked to be the one whose header was read
+        fd = opened(*args)
+        os.truncate(path, path.stat().st_size - 1000)
+        return fd
+
+    monkeypatch.setattr(reader, "_open", open_then_truncate)
     targets = [(entries[k], torch.empty(1000, 700, dtype=torch.bfloat16)) for k in ("a", "b")]
     with pytest.raises(torchinit.CheckpointError, match=rf"{path.name}: ended early at byte \d+: the file is "
                                                         "truncated"):

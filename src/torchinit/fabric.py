@@ -184,15 +184,21 @@ class Fabric:
             save_state(path, state)
         self.barrier()
 
-    def load(self, path: str | os.PathLike, state: dict[str, Any] | None = None, strict: bool = True) -> dict:
+    def load(self, path: str | os.PathLike, state: dict[str, Any] | None = None, strict: bool = True,
+             allow_nonfinite: bool = False) -> dict:
         """Load what `save` wrote. Modules and optimizers in `state` are restored in place (modules through
         `load_checkpoint`: any model, meta included); other values in `state` are replaced. Returns what the file
         holds beyond `state` (everything, if `state` is None).
 
         Under FSDP and DeepSpeed, `path` is the folder `save` wrote under the same strategy and `state` is
         required: each rank reads only its own shards into the modules and optimizers given (an FSDP folder
-        also into another world size; a DeepSpeed one only into the same). `strict` also checks module keys."""
+        also into another world size; a DeepSpeed one only into the same). `strict` also checks module keys.
+        `allow_nonfinite` (one file only): load NaN / +-inf module values instead of raising."""
         if self.plan.strategy in ("fsdp", "deepspeed"):
+            if allow_nonfinite:
+                raise ValueError(f"fabric.load(allow_nonfinite=True) is for one-file checkpoints; under "
+                                 f"strategy={self.plan.strategy!r} load the model with "
+                                 "fabric.load_raw(path, model, allow_nonfinite=True).")
             if not state:
                 raise ValueError(f"fabric.load under strategy={self.plan.strategy!r} reads shards into the objects "
                                  "they belong to: pass state={'model': model, 'optimizer': optimizer, ...}.")
@@ -204,7 +210,7 @@ class Fabric:
             if len(modules) != 1:
                 raise ValueError(f"{path}: a .safetensors file holds one module; pass state={{'model': model}}.")
             (name, module), = modules.items()
-            self.load_raw(path, module, strict=strict)
+            self.load_raw(path, module, strict=strict, allow_nonfinite=allow_nonfinite)
             return {}
         saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         if state is None:
@@ -218,7 +224,7 @@ class Fabric:
             if isinstance(obj, nn.Module):
                 module = obj.module if isinstance(obj, single.FabricModule) else obj
                 load_into(module, Checkpoint.from_tensors(Path(path), saved[key]), strict=strict, device=self.device,
-                          dtype=self.plan.param_dtype)
+                          dtype=self.plan.param_dtype, allow_nonfinite=allow_nonfinite)
             elif isinstance(obj, torch.optim.Optimizer):
                 obj.load_state_dict(saved[key])
             else:
@@ -226,14 +232,16 @@ class Fabric:
         return {k: v for k, v in saved.items() if k not in state}
 
     # ---- load ------------------------------------------------------------------------------------
-    def load_raw(self, path: str | os.PathLike, obj: nn.Module | torch.optim.Optimizer, strict: bool = True) -> Any:
+    def load_raw(self, path: str | os.PathLike, obj: nn.Module | torch.optim.Optimizer, strict: bool = True,
+                 allow_nonfinite: bool = False) -> Any:
         """Load a plain checkpoint into one module (any format `torchinit.load_checkpoint` reads, DCP folders
         included; real, empty or meta; before or after `setup`) or one optimizer. Returns the module's
         `LoadReport`.
 
         Sharded modules read only their part: FSDP shards their rows (DTensor shards, from DCP), ZeRO-3 ranks
         their partition's elements; no gather, no broadcast. Under DeepSpeed the optimizer's fp32 master
-        weights are refreshed from the loaded values."""
+        weights are refreshed from the loaded values. NaN / +-inf values are an error naming the file and keys
+        unless `allow_nonfinite`."""
         if isinstance(obj, torch.optim.Optimizer):
             obj.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             return None
@@ -241,9 +249,11 @@ class Fabric:
             raise TypeError(f"fabric.load_raw loads into a module or a torch optimizer, not a {type(obj).__name__}"
                             " (under DeepSpeed the optimizer state loads with fabric.load).")
         module = obj.module if isinstance(obj, single.FabricModule) else obj
+        dtype = ds.param_dtype(self.plan) if self.plan.strategy == "deepspeed" else self.plan.param_dtype
+        report = load_checkpoint(module, path, strict=strict, device=self.device, dtype=dtype,
+                                 allow_nonfinite=allow_nonfinite)
         if self.plan.strategy != "deepspeed":
-            return load_checkpoint(module, path, strict=strict, device=self.device, dtype=self.plan.param_dtype)
-        report = load_checkpoint(module, path, strict=strict, device=self.device, dtype=ds.param_dtype(self.plan))
+            return report
         if self._engine is not None:
             self._engine.weights_loaded()
         return report

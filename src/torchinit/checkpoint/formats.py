@@ -14,7 +14,7 @@ import math
 import pickle
 import warnings
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +38,18 @@ class DcpEntry:
 
 
 class Checkpoint(Mapping):
-    """A checkpoint's tensors by key. `shape`/`dtype` cost nothing; `load_into` reads straight into tensors."""
+    """A checkpoint's tensors by key. `shape`/`dtype` cost nothing; `load_into` reads straight into tensors.
+
+    `load_into` / `load_slices` check the values they write: NaN, or +-inf outside the keys in `inf_ok` (buffers,
+    where -inf masks are common), is a `CheckpointError` naming the file and the keys, unless `allow_nonfinite`.
+    """
 
     def __init__(self, path: Path, entries: dict[str, Entry | DcpEntry | torch.Tensor], files: list[Path],
                  metadata: dict):
         self.path, self.entries, self.files, self.metadata = path, entries, files, metadata
         self.bytes_read = 0
+        self.allow_nonfinite = False
+        self.inf_ok: frozenset[str] = frozenset()
 
     def renamed(self, names: Mapping[str, str]) -> Checkpoint:
         """The entries under other keys ({new key: key here}); data is still read only on `load_into`."""
@@ -118,6 +124,7 @@ class Checkpoint(Mapping):
         if dcp:
             read_dcp(self.path, dcp)  # a DCP checkpoint's path is its folder
             done += dcp_bytes
+        self._check_values([(key, _local(t)) for key, t in pairs])
         self.bytes_read += done
         return done
 
@@ -129,13 +136,40 @@ class Checkpoint(Mapping):
             entry = self.entries[key]
             if isinstance(entry, Entry):
                 size = entry.dtype.itemsize
-                lazy.append((Entry(entry.path, entry.dtype, (end - start,), entry.start + start * size,
-                                   entry.start + end * size), out))
+                lazy.append((replace(entry, shape=(end - start,), start=entry.start + start * size,
+                                     end=entry.start + end * size), out))
             else:
                 eager.append(((entry if isinstance(entry, torch.Tensor) else self[key]).reshape(-1)[start:end], out))
         done = self._fill(lazy, eager)
+        self._check_values([(key, out) for key, _, _, out in items])
         self.bytes_read += done
         return done
+
+    def _check_values(self, written: list[tuple[str, torch.Tensor]]) -> None:
+        """Raise naming the file(s) and keys whose values are not finite (see the class); one min/max pass per
+        tensor and one device sync per device."""
+        if self.allow_nonfinite:
+            return
+        floating = [(k, t) for k, t in written if (t.is_floating_point() or t.is_complex()) and t.numel()]
+        extremes: dict[torch.device, list[torch.Tensor]] = {}
+        keys: dict[torch.device, list[str]] = {}
+        with torch.no_grad():
+            for key, t in floating:
+                flat = torch.view_as_real(t.detach()).reshape(-1) if t.is_complex() else t.detach().reshape(-1)
+                extremes.setdefault(t.device, []).append(torch.stack(torch.aminmax(flat)).float())
+                keys.setdefault(t.device, []).append(key)
+        bad: dict[Path, list[str]] = {}
+        for device, values in extremes.items():
+            for key, (low, high) in zip(keys[device], torch.stack(values).cpu().tolist(), strict=True):
+                nan, inf = low != low or high != high, math.isinf(low) or math.isinf(high)
+                if nan or inf and key not in self.inf_ok:
+                    entry = self.entries[key]
+                    bad.setdefault(entry.path if isinstance(entry, Entry) else self.path, []).append(key)
+        if bad:
+            where = "; ".join(f"{file}: {_some(names)}" for file, names in bad.items())
+            raise CheckpointError(f"NaN or infinite values in the checkpoint: {where}. A meta or empty-init model "
+                                  "is left as it was (a real one was written in place: see the README). Pass "
+                                  "allow_nonfinite=True to load them on purpose.")
 
     @staticmethod
     def _fill(lazy: list[tuple[Entry, torch.Tensor]], eager: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
@@ -170,7 +204,7 @@ def _rows_of(entry: Entry, rows: tuple[int, int]) -> Entry:
     """The byte range of rows [a, b) of a row-major tensor in the file."""
     row = (entry.end - entry.start) // entry.shape[0] if entry.shape and entry.shape[0] else 0
     shape = (rows[1] - rows[0], *entry.shape[1:])
-    return Entry(entry.path, entry.dtype, shape, entry.start + rows[0] * row, entry.start + rows[1] * row)
+    return replace(entry, shape=shape, start=entry.start + rows[0] * row, end=entry.start + rows[1] * row)
 
 
 def open_checkpoint(path: str | Path, select: str | None = None, mmap: bool = True) -> Checkpoint:
@@ -333,3 +367,7 @@ def _find_state(obj: object, path: Path, select: str | None) -> dict[str, torch.
 
 def _keys(obj: object) -> str:
     return ", ".join(map(repr, list(obj)[:10])) if isinstance(obj, dict) else type(obj).__name__
+
+
+def _some(names: list[str], limit: int = 10) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")

@@ -24,9 +24,12 @@ import torch
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool, "C64": torch.complex64,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
+    "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
 }
-MAX_HEADER = 100 * 2**20  # the format's own limit
+MAX_HEADER = 100_000_000  # the format's own limit on the header's length
+LIMIT = 2**64  # sizes and offsets are unsigned 64-bit integers in the format
 CHUNK = 64 * 2**20  # large tensors are read in pieces of this size, in parallel
 SLOT = 32 * 2**20  # one staging slot, for values that cannot be read in place; larger ones are split across slots
 SLOTS = 4  # slots in the ring (pinned for CUDA, pinning costs time once per process): at most SLOTS x SLOT bytes
@@ -44,43 +47,138 @@ class Entry:
     shape: tuple[int, ...]
     start: int  # absolute byte offsets in the file
     end: int
+    stamp: tuple[int, ...] | None = None  # the file's identity when its header was read (see `_stamp`)
 
 
 def read_header(path: Path) -> tuple[dict[str, Entry], dict[str, str]]:
-    """The tensors and metadata of one .safetensors file, every offset and size checked against the file."""
-    size = path.stat().st_size
+    """The tensors and metadata of one .safetensors file, held to the format's rules as the `safetensors` library
+    holds them: anything else is one `CheckpointError` naming the file (and the key), never a guess.
+
+    The rules: an 8-byte little-endian length N of a header that fits the format's limit and the file; N bytes of
+    UTF-8 holding one JSON object (no duplicate keys, no NaN/Infinity literals); each tensor's entry with a known
+    `dtype`, a `shape` of non-negative integers and `data_offsets` [begin, end] of non-negative integers whose
+    length is shape x dtype size; all ranges, in order, tiling the data region with no gap and no overlap and
+    ending at the file's end; `__metadata__`, if present, a map of strings to strings.
+    """
     with open(path, "rb") as f:
+        stamp = _stamp(os.fstat(f.fileno()))
+        size = stamp[2]
         head = f.read(8)
         if len(head) < 8:
             raise CheckpointError(f"{path}: not a safetensors file (shorter than its 8-byte header length).")
         (length,) = struct.unpack("<Q", head)
-        if length > min(MAX_HEADER, size - 8):
-            raise CheckpointError(f"{path}: header length {length} does not fit the file ({size} bytes): truncated "
-                                  "or not a safetensors file.")
-        try:
-            header = json.loads(f.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise CheckpointError(f"{path}: the safetensors header is not valid JSON ({error}).") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: the safetensors header is not a JSON object.")
-    metadata = header.pop("__metadata__", None) or {}
-    base, entries = 8 + length, {}
+        if length > MAX_HEADER or 8 + length > size:
+            raise CheckpointError(f"{path}: header length {length} does not fit the file ({size} bytes) or the "
+                                  f"format's limit ({MAX_HEADER}): truncated or not a safetensors file.")
+        raw = f.read(length)
+    header = _parse(path, raw)
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    elif not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: '__metadata__' must map strings to strings, not {_short(metadata)}.")
+    base, entries, spans = 8 + length, {}, []
     for name, info in header.items():
-        try:
-            dtype = DTYPES[info["dtype"]]
-            shape = tuple(int(d) for d in info["shape"])
-            begin, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: tensor {name!r} has a malformed or unsupported header entry: {info!r}.") \
-                from None
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        if end - begin != nbytes or begin < 0 or base + end > size:
-            raise CheckpointError(
-                f"{path}: tensor {name!r} ({info['dtype']}, shape {list(shape)}) claims bytes {begin}..{end} but needs "
-                f"{nbytes} and the file has {size - base} after the header: the file is truncated or corrupt."
-            )
-        entries[name] = Entry(path, dtype, shape, base + begin, base + end)
+        dtype, shape, (begin, end) = _fields(path, name, info)
+        nbytes = math.prod(shape) * dtype.itemsize
+        if end - begin != nbytes:
+            raise CheckpointError(f"{path}: tensor {name!r} ({info['dtype']}, shape {list(shape)}) needs {nbytes} "
+                                  f"bytes but its data_offsets [{begin}, {end}] hold {end - begin}.")
+        entries[name] = Entry(path, dtype, shape, base + begin, base + end, stamp)
+        spans.append((begin, end, name))
+    _check_tiling(path, sorted(spans), size - base)
     return entries, metadata
+
+
+def _stamp(st: os.stat_result) -> tuple[int, ...]:
+    """What changes when a file is replaced (device, inode) or rewritten (size, modification time)."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _parse(path: Path, raw: bytes) -> dict:
+    def pairs(items: list[tuple[str, object]]) -> dict:
+        out = dict(items)
+        if len(out) != len(items):
+            seen: set[str] = set()
+            twice = next(k for k, _ in items if k in seen or seen.add(k))
+            raise CheckpointError(f"{path}: the safetensors header holds the key {twice!r} twice.")
+        return out
+
+    def constant(name: str):
+        raise CheckpointError(f"{path}: the safetensors header holds {name}, which JSON does not allow.")
+
+    try:
+        text = raw.decode("utf-8")
+        text.encode("utf-8")  # lone surrogates from \ud800-style escapes are not UTF-8 either
+        if not text.startswith("{"):
+            raise ValueError("it does not start with '{'")
+        header = json.loads(text, object_pairs_hook=pairs, parse_constant=constant)
+    except (ValueError, UnicodeError, RecursionError) as error:
+        if isinstance(error, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: the safetensors header is not one valid JSON object ({error}).") from None
+    _check_strings(path, header)
+    return header
+
+
+def _check_strings(path: Path, value: object) -> None:
+    """Every string in the header (keys included) must be valid UTF-8: JSON escapes can make lone surrogates."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeError:
+            raise CheckpointError(f"{path}: the safetensors header holds a string that is not UTF-8 "
+                                  f"({value!r}).") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_strings(path, k)
+            _check_strings(path, v)
+    elif isinstance(value, list):
+        for v in value:
+            _check_strings(path, v)
+
+
+def _fields(path: Path, name: str, info: object) -> tuple[torch.dtype, tuple[int, ...], tuple[int, int]]:
+    """A tensor entry's dtype, shape and data_offsets, each checked for type and range."""
+    def bad(what: str):
+        return CheckpointError(f"{path}: tensor {name!r} has {what} in its header entry {_short(info)}.")
+
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+        raise bad("not the fields dtype, shape and data_offsets")
+    if not isinstance(info["dtype"], str) or info["dtype"] not in DTYPES:
+        raise bad(f"an unknown dtype (known: {', '.join(DTYPES)})")
+    shape, offsets = info["shape"], info["data_offsets"]
+    if not isinstance(shape, list) or not all(_natural(d) for d in shape):
+        raise bad("a shape that is not a list of non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_natural(o) for o in offsets):
+        raise bad("data_offsets that are not two non-negative integers")
+    if offsets[1] < offsets[0]:
+        raise bad("data_offsets that end before they begin")
+    return DTYPES[info["dtype"]], tuple(shape), (offsets[0], offsets[1])
+
+
+def _natural(value: object) -> bool:
+    return type(value) is int and 0 <= value < LIMIT  # not bool, not float: 2.5 is not a size
+
+
+def _check_tiling(path: Path, spans: list[tuple[int, int, str]], data: int) -> None:
+    """The byte ranges, sorted, must follow each other with no gap or overlap and end where the file ends."""
+    at = 0
+    for begin, end, name in spans:
+        if begin != at:
+            what = "overlaps the tensor before it" if begin < at else f"leaves a gap of {begin - at} bytes before it"
+            raise CheckpointError(f"{path}: tensor {name!r} starts at data byte {begin} and {what} (which ends at "
+                                  f"{at}): the byte ranges must follow each other exactly.")
+        at = end
+    if at != data:
+        why = "bytes after the last tensor" if data > at else "truncated"
+        raise CheckpointError(f"{path}: the tensors' data ends at byte {at} of the data region, but the file holds "
+                              f"{data} bytes after the header: {why}.")
+
+
+def _short(value: object, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 READERS = min(16, max(4, os.cpu_count() or 4))  # page-cache copies scale with cores; 4 is a good floor
@@ -104,8 +202,8 @@ def read_into(pairs: list[tuple[Entry, torch.Tensor]], threads: int = READERS) -
     total = sum(entry.end - entry.start for entry, _ in pairs)
     files: dict[Path, int] = {}
     try:
-        for path in {entry.path for entry, _ in pairs}:
-            files[path] = os.open(path, os.O_RDONLY)
+        for path, stamp in {entry.path: entry.stamp for entry, _ in pairs}.items():
+            files[path] = _open(path, stamp)
         with ThreadPoolExecutor(max_workers=threads) as pool, _progress(total) as bar:
             _wait(_submit(pool, files, bar, _direct_jobs(direct)))
             for device, group in staged.items():
@@ -286,12 +384,30 @@ class _NoBar:
         pass
 
 
+def _open(path: Path, stamp: tuple[int, ...] | None) -> int:
+    """A descriptor of `path`, checked to be the file whose header was read: one replaced or rewritten since
+    (another inode, size or modification time) would be read at the old offsets, as garbage."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot be opened to read its tensors ({error.strerror}).") from None
+    if stamp is not None and _stamp(os.fstat(fd)) != stamp:
+        os.close(fd)
+        raise CheckpointError(f"{path}: the file was replaced or changed after its header was read; nothing was "
+                              "read from it. Load it again once it is no longer being written.")
+    return fd
+
+
 def _pread(fd: int, path: Path, offset: int, into: torch.Tensor) -> None:
     # The tensor's own memory as a writable buffer (its owner keeps it alive); no NumPy needed.
     view = memoryview((ctypes.c_ubyte * into.numel()).from_address(into.data_ptr())).cast("B")
     done = 0
     while done < len(view):
-        got = os.preadv(fd, [view[done:]], offset + done)
+        try:
+            got = os.preadv(fd, [view[done:]], offset + done)
+        except OSError as error:
+            raise CheckpointError(f"{path}: reading bytes {offset + done}..{offset + len(view)} failed "
+                                  f"({error.strerror or error}); the load was not finished.") from None
         if got == 0:
             raise CheckpointError(f"{path}: ended early at byte {offset + done}: the file is truncated.")
         done += got
