@@ -314,3 +314,33 @@ def test_fabric_load_and_load_raw_take_allow_nonfinite(tmp_path):
     model = Mixed()
     fabric.load_raw(tmp_path / "model.safetensors", model, allow_nonfinite=True)
     assert model.w.isnan()[0, 0]
+
+
+@pytest.mark.parametrize("numpy", [True, False], ids=["checked-as-read", "checked-after"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16, torch.complex64,
+                                   torch.float8_e5m2, torch.float8_e4m3fn], ids=str)
+def test_nan_and_inf_are_found_wherever_they_are(dtype, numpy, monkeypatch, tmp_path):
+    """The reader checks values piece by piece as they land (or, without NumPy, the loader after the reads):
+    a NaN or inf in the last piece of a value, read in place or cast on the way, is found all the same."""
+    from torchinit.checkpoint import safetensors as reader
+
+    monkeypatch.setattr(reader, "PIECE", 4096)
+    if not numpy:
+        monkeypatch.setattr(reader, "np", None)
+    clean = (torch.randn(50_000) * 3).to(dtype)
+    with_nan, with_inf = clean.clone(), clean.clone()
+    with_nan[-3] = float("nan")
+    with_inf[-7] = -float("inf") if dtype != torch.float8_e4m3fn else 1.0  # e4m3fn has no inf
+    path = tmp_path / "model.safetensors"
+    save_file({"clean": clean, "nan": with_nan, "inf": with_inf}, path)
+    for into in {dtype, torch.float32 if not dtype.is_complex else dtype}:  # in place; cast through the ring
+        checkpoint = torchinit.open_checkpoint(path)
+        targets = {k: torch.empty(50_000, dtype=into) for k in ("clean", "nan", "inf")}
+        with pytest.raises(torchinit.CheckpointError) as error:
+            checkpoint.load_into(list(targets.items()))
+        assert f"{path}: nan" + (", inf" if dtype != torch.float8_e4m3fn else "") + "." in str(error.value)
+        checkpoint.inf_ok = frozenset({"inf"})  # a buffer may hold -inf (masks)
+        with pytest.raises(torchinit.CheckpointError, match=f"{path}: nan\\."):
+            checkpoint.load_into(list(targets.items()))
+        checkpoint.load_into([("clean", targets["clean"]), ("inf", targets["inf"])])
+        assert torch.equal(targets["clean"], clean.to(into))

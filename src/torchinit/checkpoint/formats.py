@@ -107,24 +107,27 @@ class Checkpoint(Mapping):
         those rows' bytes are read (shard-on-read: no rank reads the whole tensor, no broadcast). From a DCP
         folder any DTensor gets its shard, reading only the saved chunks that overlap it.
         """
-        lazy, eager, dcp, dcp_bytes = [], [], {}, 0
+        lazy, eager, dcp, dcp_bytes, written = [], [], {}, 0, []
         for key, t in pairs:
             entry = self.entries[key]
             if isinstance(entry, DcpEntry):
                 dcp[entry.key] = t
                 dcp_bytes += _local(t).numel() * entry.dtype.itemsize
+                written.append((key, _local(t)))
                 continue
             rows = _local_rows(t)
             local = t.to_local() if rows is not None else t
+            written.append((key, local))
             if isinstance(entry, Entry):
                 lazy.append((_rows_of(entry, rows) if rows is not None else entry, local))
             else:
                 eager.append((entry[rows[0]:rows[1]] if rows is not None else entry, local))
-        done = self._fill(lazy, eager)
+        verdicts: dict[int, int] = {}
+        done = self._fill(lazy, eager, verdicts)
         if dcp:
             read_dcp(self.path, dcp)  # a DCP checkpoint's path is its folder
             done += dcp_bytes
-        self._check_values([(key, _local(t)) for key, t in pairs])
+        self._check_values(written, verdicts)
         self.bytes_read += done
         return done
 
@@ -140,31 +143,38 @@ class Checkpoint(Mapping):
                                      end=entry.start + end * size), out))
             else:
                 eager.append(((entry if isinstance(entry, torch.Tensor) else self[key]).reshape(-1)[start:end], out))
-        done = self._fill(lazy, eager)
-        self._check_values([(key, out) for key, _, _, out in items])
+        verdicts: dict[int, int] = {}
+        done = self._fill(lazy, eager, verdicts)
+        self._check_values([(key, out) for key, _, _, out in items], verdicts)
         self.bytes_read += done
         return done
 
-    def _check_values(self, written: list[tuple[str, torch.Tensor]]) -> None:
-        """Raise naming the file(s) and keys whose values are not finite (see the class); one min/max pass per
-        tensor and one device sync per device."""
+    def _check_values(self, written: list[tuple[str, torch.Tensor]], verdicts: dict[int, int]) -> None:
+        """Raise naming the file(s) and keys whose values are not finite (see the class). `verdicts` are those the
+        reader found as it read (0 finite, 1 +-inf, 2 NaN, by id of the tensor); the others take one min/max pass
+        per tensor and one device sync per device."""
         if self.allow_nonfinite:
             return
-        floating = [(k, t) for k, t in written if (t.is_floating_point() or t.is_complex()) and t.numel()]
+        known = [(k, verdicts[id(t)]) for k, t in written if id(t) in verdicts]
+        floating = [(k, t) for k, t in written if (t.is_floating_point() or t.is_complex()) and t.numel()
+                    and id(t) not in verdicts]
         extremes: dict[torch.device, list[torch.Tensor]] = {}
         keys: dict[torch.device, list[str]] = {}
         with torch.no_grad():
             for key, t in floating:
                 flat = torch.view_as_real(t.detach()).reshape(-1) if t.is_complex() else t.detach().reshape(-1)
+                flat = flat.half() if flat.itemsize == 1 else flat  # float8s have no aminmax; the cast keeps NaN/inf
                 extremes.setdefault(t.device, []).append(torch.stack(torch.aminmax(flat)).float())
                 keys.setdefault(t.device, []).append(key)
-        bad: dict[Path, list[str]] = {}
         for device, values in extremes.items():
             for key, (low, high) in zip(keys[device], torch.stack(values).cpu().tolist(), strict=True):
-                nan, inf = low != low or high != high, math.isinf(low) or math.isinf(high)
-                if nan or inf and key not in self.inf_ok:
-                    entry = self.entries[key]
-                    bad.setdefault(entry.path if isinstance(entry, Entry) else self.path, []).append(key)
+                known.append((key, 2 if low != low or high != high else int(math.isinf(low) or math.isinf(high))))
+        order = {k: i for i, (k, _) in enumerate(written)}
+        bad: dict[Path, list[str]] = {}
+        for key, verdict in sorted(known, key=lambda kv: order[kv[0]]):
+            if verdict == 2 or verdict == 1 and key not in self.inf_ok:
+                entry = self.entries[key]
+                bad.setdefault(entry.path if isinstance(entry, Entry) else self.path, []).append(key)
         if bad:
             where = "; ".join(f"{file}: {_some(names)}" for file, names in bad.items())
             raise CheckpointError(f"NaN or infinite values in the checkpoint: {where}. A meta or empty-init model "
@@ -172,8 +182,9 @@ class Checkpoint(Mapping):
                                   "allow_nonfinite=True to load them on purpose.")
 
     @staticmethod
-    def _fill(lazy: list[tuple[Entry, torch.Tensor]], eager: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
-        done = safetensors.read_into(lazy) if lazy else 0
+    def _fill(lazy: list[tuple[Entry, torch.Tensor]], eager: list[tuple[torch.Tensor, torch.Tensor]],
+              verdicts: dict[int, int]) -> int:
+        done = safetensors.read_into(lazy, verdicts=verdicts) if lazy else 0
         with torch.no_grad():
             for value, out in eager:
                 out.copy_(value)
