@@ -50,6 +50,7 @@ class Checkpoint(Mapping):
         self.bytes_read = 0
         self.allow_nonfinite = False
         self.inf_ok: frozenset[str] = frozenset()
+        self.direct_io = False  # safetensors read past the page cache (O_DIRECT): for files not in the cache
 
     def renamed(self, names: Mapping[str, str]) -> Checkpoint:
         """The entries under other keys ({new key: key here}); data is still read only on `load_into`."""
@@ -181,10 +182,9 @@ class Checkpoint(Mapping):
                                   "is left as it was (a real one was written in place: see the README). Pass "
                                   "allow_nonfinite=True to load them on purpose.")
 
-    @staticmethod
-    def _fill(lazy: list[tuple[Entry, torch.Tensor]], eager: list[tuple[torch.Tensor, torch.Tensor]],
+    def _fill(self, lazy: list[tuple[Entry, torch.Tensor]], eager: list[tuple[torch.Tensor, torch.Tensor]],
               verdicts: dict[int, int]) -> int:
-        done = safetensors.read_into(lazy, verdicts=verdicts) if lazy else 0
+        done = safetensors.read_into(lazy, verdicts=verdicts, direct_io=self.direct_io) if lazy else 0
         with torch.no_grad():
             for value, out in eager:
                 out.copy_(value)

@@ -37,7 +37,7 @@ READERS = min(16, max(4, os.cpu_count() or 4))  # page-cache copies scale with c
 
 
 def read_into(pairs: list[tuple[Entry, torch.Tensor]], threads: int = READERS,
-              verdicts: dict[int, int] | None = None) -> int:
+              verdicts: dict[int, int] | None = None, direct_io: bool = False) -> int:
     """Fill each destination tensor with its entry's values (cast on the fly when the dtypes differ); returns the
     bytes read.
 
@@ -48,6 +48,9 @@ def read_into(pairs: list[tuple[Entry, torch.Tensor]], threads: int = READERS,
     With `verdicts`, the values written on the CPU are checked as they land, piece by piece while they are in the
     cache (a second pass over the model from memory would cost as much as a fifth of the load): `verdicts[id(out)]`
     becomes 0 (finite), 1 (+-inf, no NaN) or 2 (NaN) for each destination checked whole; the others are not in it.
+
+    `direct_io`: the in-place reads bypass the page cache (O_DIRECT, through an aligned bounce buffer per thread),
+    for files read once that are not in the cache: no readahead limit, and the cache is left to others.
     """
     check = verdicts is not None and np is not None
     verdicts = verdicts if verdicts is not None else {}
@@ -63,11 +66,16 @@ def read_into(pairs: list[tuple[Entry, torch.Tensor]], threads: int = READERS,
     try:
         for path, stamp in {entry.path: entry.stamp for entry, _ in pairs}.items():
             files[path] = _open(path, stamp)
+        uncached = {}
+        if direct_io and direct:
+            uncached = {path: _open(path, None, os.O_DIRECT) for path in {entry.path for entry, _ in direct}}
+            files.update({("direct", path): fd for path, fd in uncached.items()})
         with ThreadPoolExecutor(max_workers=threads) as pool, _progress(total) as bar:
             jobs = _direct_jobs(direct, check)
-            for job, future in zip(jobs, _submit(pool, files, bar, jobs), strict=True):
+            for job, future in zip(jobs, _submit(pool, files, bar, jobs, bool(uncached)), strict=True):
+                verdict = future.result()
                 if job[3] is not None:
-                    verdicts[job[4]] = max(verdicts.get(job[4], 0), future.result())
+                    verdicts[job[4]] = max(verdicts.get(job[4], 0), verdict)
             for device, group in staged.items():
                 batches = _plan(group, SLOT)
                 if batches:
@@ -235,9 +243,12 @@ def _slot_jobs(batch: list[_Piece], slot: torch.Tensor, step: int) -> list[tuple
             for p in batch for o in range(0, p.nbytes, step)]
 
 
-def _submit(pool: ThreadPoolExecutor, files: dict[Path, int], bar, jobs: list) -> list[Future]:
+def _submit(pool: ThreadPoolExecutor, files: dict, bar, jobs: list, uncached: bool = False) -> list[Future]:
     def run(job) -> int:
-        verdict = _pread(files[job[0]], job[0], job[1], job[2], job[3])
+        if uncached:
+            verdict = _pread_direct(files[("direct", job[0])], job[0], job[1], job[2], job[3])
+        else:
+            verdict = _pread(files[job[0]], job[0], job[1], job[2], job[3])
         bar.update(job[2].numel())
         return verdict
 
@@ -263,13 +274,14 @@ class _NoBar:
         pass
 
 
-def _open(path: Path, stamp: tuple[int, ...] | None) -> int:
+def _open(path: Path, stamp: tuple[int, ...] | None, flags: int = 0) -> int:
     """A descriptor of `path`, checked to be the file whose header was read: one replaced or rewritten since
     (another inode, size or modification time) would be read at the old offsets, as garbage."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | flags)
     except OSError as error:
-        raise CheckpointError(f"{path}: cannot be opened to read its tensors ({error.strerror}).") from None
+        how = " with O_DIRECT (direct_io=True)" if flags else ""
+        raise CheckpointError(f"{path}: cannot be opened{how} to read its tensors ({error.strerror}).") from None
     if stamp is not None and stamp_of(os.fstat(fd)) != stamp:
         os.close(fd)
         raise CheckpointError(f"{path}: the file was replaced or changed after its header was read; nothing was "
@@ -296,6 +308,39 @@ def _pread(fd: int, path: Path, offset: int, into: torch.Tensor, check: torch.dt
             done += got
         if check is not None and end > begin:
             worst = max(worst, _verdict(into.data_ptr() + begin, end - begin, check))
+    return worst
+
+
+BLOCK = 4096  # O_DIRECT reads start, end and land at multiples of this (the largest logical block size in use)
+BOUNCE = 8 * 2**20  # each reader thread's aligned buffer for O_DIRECT reads
+
+
+def _pread_direct(fd: int, path: Path, offset: int, into: torch.Tensor, check: torch.dtype | None) -> int:
+    """`_pread` through the page-cache-bypassing descriptor `fd`: whole aligned blocks into this thread's bounce
+    buffer, then the bytes wanted copied out (and checked, with `check`) while they are in the cache."""
+    bounce = getattr(_scratch, "bounce", None)
+    if bounce is None:
+        bounce = _scratch.bounce = torch.empty(BOUNCE + BLOCK, dtype=torch.uint8)
+    base = -bounce.data_ptr() % BLOCK
+    view = memoryview((ctypes.c_ubyte * BOUNCE).from_address(bounce.data_ptr() + base)).cast("B")
+    end, done, worst, checked = offset + into.numel(), offset, 0, 0
+    size = check.itemsize if check is not None else 1
+    while done < end:
+        block = done - done % BLOCK
+        try:
+            got = os.preadv(fd, [view[:min(BOUNCE, -(-(end - block) // BLOCK) * BLOCK)]], block)
+        except OSError as error:
+            raise CheckpointError(f"{path}: reading bytes {done}..{end} with O_DIRECT failed "
+                                  f"({error.strerror or error}); the load was not finished.") from None
+        usable = min(block + got, end) - done
+        if usable <= 0:
+            raise CheckpointError(f"{path}: ended early at byte {done}: the file is truncated.")
+        ctypes.memmove(into.data_ptr() + done - offset, bounce.data_ptr() + base + done - block, usable)
+        done += usable
+        upto = (done - offset) // size * size  # whole values only: blocks need not start at one
+        if check is not None and upto > checked:
+            worst = max(worst, _verdict(into.data_ptr() + checked, upto - checked, check))
+            checked = upto
     return worst
 
 
