@@ -184,6 +184,10 @@ class _Copier:
         pass
 
     def send(self, k: int, slot: torch.Tensor, batch: list[_Piece]) -> None:
+        with _one_thread():
+            self._send(batch, slot)
+
+    def _send(self, batch: list[_Piece], slot: torch.Tensor) -> None:
         for piece in batch:
             piece.out.copy_(_staged(slot, piece))
             if self.verdicts is not None and piece.owner not in self.unchecked:
@@ -196,6 +200,22 @@ class _Copier:
 
     def finish(self) -> None:
         pass
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """The CPU casts run on one intra-op thread: the reader threads keep the other cores busy, and on 2 cores an
+    OpenMP team whose second thread waits for a core doubled the cast's CPU time (measured: load_bench.py
+    --file-precision 32-true). torch.set_num_threads changes this thread's OpenMP team size and the default for
+    threads not yet started; it is restored after each batch."""
+    before = torch.get_num_threads()
+    if before > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if before > 1:
+            torch.set_num_threads(before)
 
 
 class _CudaCopier(_Copier):
