@@ -109,7 +109,7 @@ def test_a_slot_is_refilled_only_after_its_copy_is_done(monkeypatch, tmp_path):
     has returned. This copier copies a slot only then (or at the end), as late as a GPU may."""
 
     class Late(reader._Copier):
-        def __init__(self):
+        def __init__(self, verdicts=None):  # (no checks: the caller checks what it is not told about)
             self.pending = {}
 
         def free(self, k):
@@ -133,12 +133,53 @@ def test_a_slot_is_refilled_only_after_its_copy_is_done(monkeypatch, tmp_path):
         assert_same_bits(targets[key], want.to(torch.bfloat16))
 
 
-def test_a_file_truncated_during_a_staged_read_is_named(tmp_path):
+def test_a_file_truncated_during_a_staged_read_is_named(monkeypatch, tmp_path):
     path = tmp_path / "model.safetensors"
     save_file({"a": torch.randn(1000, 700), "b": torch.randn(1000, 700)}, path)
     entries, _ = reader.read_header(path)
-    os.truncate(path, path.stat().st_size - 1000)  # after the header was checked: the reads find the end
+    opened = reader._open
+
+    def open_then_truncate(*args):  # after the file was checked to be the one whose header was read
+        fd = opened(*args)
+        os.truncate(path, path.stat().st_size - 1000)
+        return fd
+
+    monkeypatch.setattr(reader, "_open", open_then_truncate)
     targets = [(entries[k], torch.empty(1000, 700, dtype=torch.bfloat16)) for k in ("a", "b")]
     with pytest.raises(torchinit.CheckpointError, match=rf"{path.name}: ended early at byte \d+: the file is "
                                                         "truncated"):
         reader.read_into(targets)
+
+
+def test_direct_io_reads_exactly_past_the_page_cache(monkeypatch, tmp_path):
+    """O_DIRECT reads whole aligned blocks through a bounce buffer: values at any offset (after a 3-byte one),
+    spanning bounce buffers and chunks, come out exact and checked, as from the page cache."""
+    monkeypatch.setattr(reader, "BOUNCE", 3 * reader.BLOCK)
+    monkeypatch.setattr(reader, "CHUNK", 5 * reader.BLOCK + 8)
+    monkeypatch.setattr(reader, "PIECE", 4096)
+    g = torch.Generator().manual_seed(3)
+    state = {"a_odd": torch.randint(0, 255, (3,), dtype=torch.uint8, generator=g),
+             "b": torch.randn(30_001, generator=g), "c": torch.randn(7, 999, generator=g).bfloat16(),
+             "d": torch.randn(5, generator=g).double()}
+    path = tmp_path / "model.safetensors"
+    save_file(state, path)
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
+    except OSError as error:
+        pytest.skip(f"the filesystem of {tmp_path} does not take O_DIRECT ({error.strerror})")
+    entries, _ = reader.read_header(path)
+    assert entries["b"].start % 4 != 0 or entries["c"].start % reader.BLOCK != 0, "values off the block grid"
+    targets = {k: torch.empty_like(v) for k, v in state.items()}
+    verdicts = {}
+    reader.read_into([(entries[k], t) for k, t in targets.items()], verdicts=verdicts, direct_io=True)
+    for key, want in state.items():
+        assert torch.equal(targets[key], want), key
+    assert verdicts == {id(targets[k]): 0 for k in ("b", "c", "d")}
+    state["c"][6, 998] = float("nan")
+    save_file(state, path)
+    model_path = tmp_path / "nan.safetensors"
+    os.replace(path, model_path)
+    with pytest.raises(torchinit.CheckpointError, match=f"{model_path}: c"):
+        checkpoint = torchinit.open_checkpoint(model_path)
+        checkpoint.direct_io = True
+        checkpoint.load_into([(k, torch.empty_like(v)) for k, v in state.items()])

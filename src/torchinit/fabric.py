@@ -204,7 +204,8 @@ class Fabric:
             save_state(path, state)
         self.barrier()
 
-    def load(self, path: str | os.PathLike, state: dict[str, Any] | None = None, strict: bool = True) -> dict:
+    def load(self, path: str | os.PathLike, state: dict[str, Any] | None = None, strict: bool = True,
+             allow_nonfinite: bool = False) -> dict:
         """Load what `save` wrote. Modules and optimizers in `state` are restored in place (modules through
         `load_checkpoint`: any model, meta included); other values in `state` are replaced. Returns what the file
         holds beyond `state` (everything, if `state` is None).
@@ -212,8 +213,13 @@ class Fabric:
         `path` may be what `save` wrote under any strategy and world size (a file, a DCP folder, a DeepSpeed
         folder, a safetensors file or folder): see checkpoint/restore.py. Under FSDP, model parallel (a DCP
         folder also into another mesh shape) and DeepSpeed `state` is required and each rank reads only its own
-        shards into the modules and optimizers given. `strict` also checks module keys."""
+        shards into the modules and optimizers given. `strict` also checks module keys. `allow_nonfinite` (one
+        device / DDP): load NaN / +-inf module values instead of raising."""
         if self.plan.strategy in ("fsdp", "model_parallel", "deepspeed"):
+            if allow_nonfinite:
+                raise ValueError(f"fabric.load(allow_nonfinite=True) is for one device or DDP; under "
+                                 f"strategy={self.plan.strategy!r} load the model with "
+                                 "fabric.load_raw(path, model, allow_nonfinite=True).")
             if not state:
                 raise ValueError(f"fabric.load under strategy={self.plan.strategy!r} reads shards into the objects "
                                  "they belong to: pass state={'model': model, 'optimizer': optimizer, ...}.")
@@ -222,17 +228,20 @@ class Fabric:
             return restore.load(path, state, strict, target, self.device, dtype, self._engine)
         if state is None:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return restore.load(path, state, strict, "plain", self.device, self.plan.param_dtype)
+        return restore.load(path, state, strict, "plain", self.device, self.plan.param_dtype,
+                            allow_nonfinite=allow_nonfinite)
 
     # ---- load ------------------------------------------------------------------------------------
-    def load_raw(self, path: str | os.PathLike, obj: nn.Module | torch.optim.Optimizer, strict: bool = True) -> Any:
+    def load_raw(self, path: str | os.PathLike, obj: nn.Module | torch.optim.Optimizer, strict: bool = True,
+                 allow_nonfinite: bool = False) -> Any:
         """Load a plain checkpoint into one module (any format `torchinit.load_checkpoint` reads, DCP folders
         included; real, empty or meta; before or after `setup`) or one optimizer. Returns the module's
         `LoadReport`.
 
         Sharded modules read only their part: FSDP shards their rows (DTensor shards, from DCP), ZeRO-3 ranks
         their partition's elements; no gather, no broadcast. Under DeepSpeed the optimizer's fp32 master
-        weights are refreshed from the loaded values."""
+        weights are refreshed from the loaded values. NaN / +-inf values are an error naming the file and keys
+        unless `allow_nonfinite`."""
         if isinstance(obj, torch.optim.Optimizer):
             obj.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             return None
@@ -240,9 +249,11 @@ class Fabric:
             raise TypeError(f"fabric.load_raw loads into a module or a torch optimizer, not a {type(obj).__name__}"
                             " (under DeepSpeed the optimizer state loads with fabric.load).")
         module = obj.module if isinstance(obj, single.FabricModule) else obj
+        dtype = ds.param_dtype(self.plan) if self.plan.strategy == "deepspeed" else self.plan.param_dtype
+        report = load_checkpoint(module, path, strict=strict, device=self.device, dtype=dtype,
+                                 allow_nonfinite=allow_nonfinite)
         if self.plan.strategy != "deepspeed":
-            return load_checkpoint(module, path, strict=strict, device=self.device, dtype=self.plan.param_dtype)
-        report = load_checkpoint(module, path, strict=strict, device=self.device, dtype=ds.param_dtype(self.plan))
+            return report
         if self._engine is not None:
             self._engine.weights_loaded()
         return report

@@ -15,7 +15,7 @@ import math
 import pickle
 import warnings
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +40,19 @@ class DcpEntry:
 
 
 class Checkpoint(Mapping):
-    """A checkpoint's tensors by key. `shape`/`dtype` cost nothing; `load_into` reads straight into tensors."""
+    """A checkpoint's tensors by key. `shape`/`dtype` cost nothing; `load_into` reads straight into tensors.
+
+    `load_into` / `load_slices` check the values they write: NaN, or +-inf outside the keys in `inf_ok` (buffers,
+    where -inf masks are common), is a `CheckpointError` naming the file and the keys, unless `allow_nonfinite`.
+    """
 
     def __init__(self, path: Path, entries: dict[str, Entry | DcpEntry | torch.Tensor], files: list[Path],
                  metadata: dict):
         self.path, self.entries, self.files, self.metadata = path, entries, files, metadata
         self.bytes_read = 0
+        self.allow_nonfinite = False
+        self.inf_ok: frozenset[str] = frozenset()
+        self.direct_io = False  # safetensors read past the page cache (O_DIRECT): for files not in the cache
 
     def renamed(self, names: Mapping[str, str]) -> Checkpoint:
         """The entries under other keys ({new key: key here}); data is still read only on `load_into`."""
@@ -104,26 +111,31 @@ class Checkpoint(Mapping):
         broadcast). From a DCP
         folder any DTensor gets its shard, reading only the saved chunks that overlap it.
         """
-        lazy, eager, dcp, dcp_bytes = [], [], {}, 0
+        lazy, eager, dcp, dcp_bytes, written = [], [], {}, 0, []
         for key, t in pairs:
             entry = self.entries[key]
             if isinstance(entry, DcpEntry):
                 dcp[entry.key] = t
                 dcp_bytes += _local(t).numel() * entry.dtype.itemsize
+                written.append((key, _local(t)))
                 continue
+            local = _local(t)
+            written.append((key, local))
             try:
                 if isinstance(entry, Entry):
-                    lazy += _local_pieces(entry, t)
+                    lazy += _local_pieces(entry, t, local)
                 elif is_distributed(t):
-                    eager.append((entry[tuple(slice(o, o + n) for o, n in local_box(t))], t.to_local()))
+                    eager.append((entry[tuple(slice(o, o + n) for o, n in local_box(t))], local))
                 else:
                     eager.append((entry, t))
             except ValueError as error:
                 raise CheckpointError(f"{self.path}: cannot load {key!r} into a DTensor ({error}).") from None
-        done = self._fill(lazy, eager)
+        verdicts: dict[int, int] = {}
+        done = self._fill(lazy, eager, verdicts)
         if dcp:
             read_dcp(self.path, dcp)  # a DCP checkpoint's path is its folder
             done += dcp_bytes
+        self._check_values(written, verdicts)
         self.bytes_read += done
         return done
 
@@ -135,17 +147,51 @@ class Checkpoint(Mapping):
             entry = self.entries[key]
             if isinstance(entry, Entry):
                 size = entry.dtype.itemsize
-                lazy.append((Entry(entry.path, entry.dtype, (end - start,), entry.start + start * size,
-                                   entry.start + end * size), out))
+                lazy.append((replace(entry, shape=(end - start,), start=entry.start + start * size,
+                                     end=entry.start + end * size), out))
             else:
                 eager.append(((entry if isinstance(entry, torch.Tensor) else self[key]).reshape(-1)[start:end], out))
-        done = self._fill(lazy, eager)
+        verdicts: dict[int, int] = {}
+        done = self._fill(lazy, eager, verdicts)
+        self._check_values([(key, out) for key, _, _, out in items], verdicts)
         self.bytes_read += done
         return done
 
-    @staticmethod
-    def _fill(lazy: list[tuple[Entry, torch.Tensor]], eager: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
-        done = safetensors.read_into(lazy) if lazy else 0
+    def _check_values(self, written: list[tuple[str, torch.Tensor]], verdicts: dict[int, int]) -> None:
+        """Raise naming the file(s) and keys whose values are not finite (see the class). `verdicts` are those the
+        reader found as it read (0 finite, 1 +-inf, 2 NaN, by id of the tensor); the others take one min/max pass
+        per tensor and one device sync per device."""
+        if self.allow_nonfinite:
+            return
+        known = [(k, verdicts[id(t)]) for k, t in written if id(t) in verdicts]
+        floating = [(k, t) for k, t in written if (t.is_floating_point() or t.is_complex()) and t.numel()
+                    and id(t) not in verdicts]
+        extremes: dict[torch.device, list[torch.Tensor]] = {}
+        keys: dict[torch.device, list[str]] = {}
+        with torch.no_grad():
+            for key, t in floating:
+                flat = torch.view_as_real(t.detach()).reshape(-1) if t.is_complex() else t.detach().reshape(-1)
+                flat = flat.half() if flat.itemsize == 1 else flat  # float8s have no aminmax; the cast keeps NaN/inf
+                extremes.setdefault(t.device, []).append(torch.stack(torch.aminmax(flat)).float())
+                keys.setdefault(t.device, []).append(key)
+        for device, values in extremes.items():
+            for key, (low, high) in zip(keys[device], torch.stack(values).cpu().tolist(), strict=True):
+                known.append((key, 2 if low != low or high != high else int(math.isinf(low) or math.isinf(high))))
+        order = {k: i for i, (k, _) in enumerate(written)}
+        bad: dict[Path, list[str]] = {}
+        for key, verdict in sorted(known, key=lambda kv: order[kv[0]]):
+            if verdict == 2 or verdict == 1 and key not in self.inf_ok:
+                entry = self.entries[key]
+                bad.setdefault(entry.path if isinstance(entry, Entry) else self.path, []).append(key)
+        if bad:
+            where = "; ".join(f"{file}: {_some(names)}" for file, names in bad.items())
+            raise CheckpointError(f"NaN or infinite values in the checkpoint: {where}. A meta or empty-init model "
+                                  "is left as it was (a real one was written in place: see the README). Pass "
+                                  "allow_nonfinite=True to load them on purpose.")
+
+    def _fill(self, lazy: list[tuple[Entry, torch.Tensor]], eager: list[tuple[torch.Tensor, torch.Tensor]],
+              verdicts: dict[int, int]) -> int:
+        done = safetensors.read_into(lazy, verdicts=verdicts, direct_io=self.direct_io) if lazy else 0
         with torch.no_grad():
             for value, out in eager:
                 out.copy_(value)
@@ -171,13 +217,13 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def _local_pieces(entry: Entry, t: torch.Tensor) -> list[tuple[Entry, torch.Tensor]]:
+def _local_pieces(entry: Entry, t: torch.Tensor, local: torch.Tensor) -> list[tuple[Entry, torch.Tensor]]:
     """The byte ranges of a row-major tensor in the file that hold this rank's part of `t`, each with where it
     goes: all of it for a plain tensor, one run of rows for a dim-0 shard (FSDP2), and one run per row for a
-    column block (TP's Shard(1)): exactly the part's bytes, read in place."""
+    column block (TP's Shard(1)): exactly the part's bytes, read in place. `local` is `t`'s local tensor."""
     if not is_distributed(t):
         return [(entry, t)]
-    box, local = local_box(t), t.to_local()
+    box = local_box(t)
     if any(n == 0 for _, n in box):
         return []
     shape, size = entry.shape, entry.dtype.itemsize
@@ -192,8 +238,8 @@ def _local_pieces(entry: Entry, t: torch.Tensor) -> list[tuple[Entry, torch.Tens
         first = sum(i * strides[d] for d, i in enumerate(index)) + box[last][0] * strides[last]
         count = box[last][1] * inner
         out = local[tuple(i - box[d][0] for d, i in enumerate(index))]
-        pieces.append((Entry(entry.path, entry.dtype, tuple(out.shape), entry.start + first * size,
-                             entry.start + (first + count) * size), out))
+        pieces.append((replace(entry, shape=tuple(out.shape), start=entry.start + first * size,
+                               end=entry.start + (first + count) * size), out))
     return pieces
 
 
@@ -361,3 +407,7 @@ def _find_state(obj: object, path: Path, select: str | None) -> dict[str, torch.
 
 def _keys(obj: object) -> str:
     return ", ".join(map(repr, list(obj)[:10])) if isinstance(obj, dict) else type(obj).__name__
+
+
+def _some(names: list[str], limit: int = 10) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")

@@ -58,12 +58,18 @@ def load_checkpoint(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     mmap: bool = True,
+    allow_nonfinite: bool = False,
+    direct_io: bool = False,
 ) -> LoadReport:
     """Load `path` into `module` in place and return a `LoadReport`; see the module docstring for the steps.
-    `mmap=False`: read torch pickles instead of mapping them (network filesystems)."""
+    `mmap=False`: read torch pickles instead of mapping them (network filesystems). NaN or +-inf values (-inf in
+    buffers is fine) are an error naming the file and keys unless `allow_nonfinite`. `direct_io=True`: read
+    safetensors past the page cache (O_DIRECT), for a checkpoint read once that is not cached."""
     start = time.perf_counter()
-    report = load_into(module, open_checkpoint(path, select, mmap), strict=strict, key_map=key_map, device=device,
-                       dtype=dtype)
+    checkpoint = open_checkpoint(path, select, mmap)
+    checkpoint.direct_io = direct_io
+    report = load_into(module, checkpoint, strict=strict, key_map=key_map, device=device, dtype=dtype,
+                       allow_nonfinite=allow_nonfinite)
     report.seconds = time.perf_counter() - start
     return report
 
@@ -76,11 +82,15 @@ def load_into(
     key_map: Mapping[str, str] | Callable[[str], str] | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    allow_nonfinite: bool = False,
 ) -> LoadReport:
     """`load_checkpoint` for a checkpoint already open (also one made from tensors in memory)."""
     start = time.perf_counter()
     names, report = match(module, checkpoint, strict=strict, key_map=key_map)
     view = checkpoint.renamed(names)  # the checkpoint under the model's key names
+    params = {id(p) for p in module.parameters()}
+    view.allow_nonfinite, view.direct_io = allow_nonfinite, checkpoint.direct_io
+    view.inf_ok = frozenset(k for k, v in module.state_dict(keep_vars=True).items() if id(v) not in params)
     if any(hasattr(p, "ds_id") for p in module.parameters()):  # ZeRO-3 partitions: each rank its slice
         report.bytes = deepspeed.load_partitions(module, view)
     else:

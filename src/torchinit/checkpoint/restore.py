@@ -38,9 +38,10 @@ class Source:
 
 
 def load(path: str | os.PathLike, state: dict[str, Any], strict: bool, target: str, device: torch.device,
-         dtype: torch.dtype | None, engine: ds.Engine | None = None) -> dict[str, Any]:
+         dtype: torch.dtype | None, engine: ds.Engine | None = None, allow_nonfinite: bool = False) -> dict[str, Any]:
     """Load `path` into the modules, optimizers and values of `state` under `target` ("plain", "fsdp" or
-    "deepspeed"); returns the saved values that `state` lacks."""
+    "deepspeed"); returns the saved values that `state` lacks. `allow_nonfinite` loads NaN / +-inf module values
+    instead of raising."""
     path = Path(path)
     if target == "deepspeed":
         sharded._engine_for(path, state, engine, "load")
@@ -67,7 +68,7 @@ def load(path: str | os.PathLike, state: dict[str, Any], strict: bool, target: s
     restorers = [_restorer(path, key, opt, all_modules, source.optimizers[key], target, engine)
                  for key, opt in optimizers.items()]
     for module, checkpoint, names in plans:
-        load_into(module, checkpoint, strict=strict, device=device, dtype=dtype)
+        load_into(module, checkpoint, strict=strict, device=device, dtype=dtype, allow_nonfinite=allow_nonfinite)
         if target == "deepspeed":
             engine.weights_loaded()  # fp32 masters from the loaded values, then overwritten with the saved ones
             _load_masters(engine, checkpoint.renamed(names))

@@ -29,7 +29,7 @@ from torch import nn
 from torchinit.checkpoint.formats import dcp_failures, dcp_metadata, dcp_paths, open_checkpoint
 from torchinit.checkpoint.load import load_into, match
 from torchinit.checkpoint.safetensors import CheckpointError
-from torchinit.checkpoint.save import fsync_folder
+from torchinit.checkpoint.save import exchange, fsync_folder, save_failure
 from torchinit.strategies import deepspeed as ds
 from torchinit.strategies.single import FabricModule
 
@@ -254,7 +254,7 @@ def _save_folder(path: Path, write: Callable[[Path], None], values: dict[str, An
         write(temporary)
         _fsync_files(temporary)
     except Exception as exc:
-        error = exc
+        error = save_failure(path, exc) or exc  # a full disk said clearly, while the partial files are there
     try:
         _agree(error, path)
         error = None
@@ -275,8 +275,13 @@ def _save_folder(path: Path, write: Callable[[Path], None], values: dict[str, An
 
 
 def _replace_folder(new: Path, path: Path) -> None:
-    """Rename `new` to `path`; an existing `path` is moved aside first (and back if the rename fails), then
-    deleted."""
+    """Rename `new` to `path`. An existing `path` is swapped with `new` in one atomic step, where the filesystem
+    can, so that a crash at any moment leaves the old or the new folder at `path`; elsewhere it is moved aside
+    first (and back if the rename fails). Then the old one is deleted."""
+    if path.is_dir() and not path.is_symlink() and exchange(new, path):
+        fsync_folder(path.parent)
+        shutil.rmtree(new)  # now the old folder
+        return
     old = None
     if path.exists() or path.is_symlink():
         old = path.with_name(f".{path.name}.old-{os.getpid()}")

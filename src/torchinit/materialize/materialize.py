@@ -141,9 +141,9 @@ def materialize(
         report.allocated_bytes = _allocate(slots, target, dtype, undo)
         _run_inits(module, slots, init_fns)
         _replay(slots, recorded)
-        _copy_checkpoint(slots, checkpoint)
+        checked = _copy_checkpoint(slots, checkpoint)
         _move_kept(slots, target, dtype)
-        verify(module, ties, check_values=check_values)
+        verify(module, ties, check_values=check_values, checked=checked)
     except BaseException:
         for step in reversed(undo):
             step()
@@ -274,7 +274,10 @@ def _allocate(slots, device, dtype, undo: list) -> int:
         where = device if device is not None else t.device
         want = _final_dtype(t, dtype)
         in_place = t.device == where and t.dtype == want and t.device.type != "meta"
-        if slot.source == "kept" or in_place:
+        # A buffer that has a value gets fresh memory for the checkpoint's, so a failed load leaves it as it was
+        # (buffers are small; a real model's parameters are written in place, to hold one copy of the model).
+        valued_buffer = not any(home[3] for home in slot.homes) and not unwritten.is_pending(t)
+        if slot.source == "kept" or in_place and not (slot.source == "checkpoint" and valued_buffer):
             slot.memory = t.data
             if unwritten.is_pending(t):
                 undo.append(unwritten.pending_restorer(t))
@@ -457,19 +460,21 @@ def _replay(slots: list[_Slot], recorded: RecordedInit | None) -> None:
             recorded.replay(targets)
 
 
-def _copy_checkpoint(slots: list[_Slot], checkpoint: Mapping[str, torch.Tensor] | None) -> None:
-    """Copy checkpoint values in; a checkpoint with `load_into(pairs)` (the streaming reader) writes them itself."""
+def _copy_checkpoint(slots: list[_Slot], checkpoint: Mapping[str, torch.Tensor] | None) -> frozenset[int]:
+    """Copy checkpoint values in; a checkpoint with `load_into(pairs)` (the streaming reader) writes them itself
+    and checks their values (naming its file): returns the ids of those tensors, which verify need not check."""
     pairs = [(slot.key, slot.tensor) for slot in slots if slot.source == "checkpoint"]
     if not pairs:
-        return
+        return frozenset()
     if hasattr(checkpoint, "load_into"):
         checkpoint.load_into([(key, t.data) for key, t in pairs])
         for _, t in pairs:
             unwritten.mark_written(t)  # written behind autograd's back: its version counter did not move
-        return
+        return frozenset(id(t) for _, t in pairs)
     with torch.no_grad():
         for key, t in pairs:
             t.copy_(checkpoint[key])
+    return frozenset()
 
 
 def _move_kept(slots: list[_Slot], device: torch.device | None, dtype: torch.dtype | None) -> None:
