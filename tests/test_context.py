@@ -16,7 +16,8 @@ PRECISIONS = ["64-true", "32-true", "16-true", "bf16-true", "bf16-mixed"]
 def test_placement(precision, empty_init):
     fabric = torchinit.Fabric(accelerator="cpu", precision=precision)
     want = fabric.plan.param_dtype
-    with fabric.init_module(empty_init=empty_init):
+    context = fabric.init_module(empty_init=empty_init) if not empty_init else fabric.init_tensor()
+    with context:
         assert torch.get_default_dtype() == want
         floats = [torch.empty(2), torch.zeros(2), torch.ones(2, 2), torch.rand(3), torch.randn(3),
                   torch.full((2,), 1.5), torch.arange(0.0, 2.0, 0.5), torch.linspace(0, 1, 5),
@@ -33,6 +34,29 @@ def test_placement(precision, empty_init):
     assert all(t.device == fabric.device for t in floats + integers + explicit + [layer.weight])
 
 
+class SeesItsDtypes(nn.Module):
+    """A constructor that computes for itself (G8): widths from float tensors, a dtype copied from a parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = (torch.get_default_dtype(), torch.tensor(0.8).dtype)
+        width = int(torch.tensor(1.0 / 3.0) * 3000)  # 1000 in fp32, 999 in bf16
+        self.layer = nn.Linear(3, width)
+        self.register_buffer("scale", torch.ones(2, dtype=self.layer.weight.dtype) / 3)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_empty_init_construction_sees_eager_dtypes(precision):
+    fabric = torchinit.Fabric(accelerator="cpu", precision=precision)
+    with fabric.init_module(empty_init=True):
+        model = SeesItsDtypes()
+    assert model.seen == (torch.float32, torch.float32)
+    assert model.layer.out_features == 1000
+    want = fabric.plan.param_dtype
+    assert model.layer.weight.dtype == want and model.layer.weight.device == fabric.device
+    assert torch.equal(model.scale, (torch.ones(2) / 3).to(want))
+
+
 def test_values_of_promoted_tensors_are_cast_eager_values():
     with torchinit.Fabric(accelerator="cpu", precision="bf16-true").init_tensor():
         torch.manual_seed(0)
@@ -47,7 +71,7 @@ def test_nothing_is_entered_before_enter():
     context = torchinit.Fabric(accelerator="cpu", precision="bf16-true").init_module(empty_init=True)
     assert torch.get_default_dtype() == before
     assert not _get_current_dispatch_mode_stack()
-    assert isinstance(context, torchinit.InitContext)
+    assert isinstance(context, torchinit.RecordContext)  # empty init on one device records (unwritten.py)
 
 
 @pytest.mark.parametrize("empty_init", [False, True])

@@ -107,6 +107,8 @@ class Fabric:
         # their init is recorded (with or without empty_init: it is cheap) and replayed there.
         if self.plan.strategy == "fsdp" and self.plan.options.record_init:
             return RecordContext(self.plan.device, self.plan.param_dtype)
+        if empty_init and self.plan.strategy != "fsdp":  # record now, replay what no checkpoint writes (unwritten.py)
+            return RecordContext(self.plan.device, self.plan.param_dtype, empty_init=True)
         meta = self.plan.strategy == "fsdp"
         return InitContext(self.plan.device, self.plan.param_dtype, empty_init=bool(empty_init), meta=meta)
 
