@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--one", nargs=2, metavar=("CASE", "MODE"), help="run one case here, print JSON")
     parser.add_argument("--sources", default="hf,timm,tv")
     parser.add_argument("--modes", default=",".join(MODES))
-    parser.add_argument("--limit", type=int, default=0, help="at most N cases per source (0: all)")
+    parser.add_argument("--limit", type=int, default=0, help="about N cases per source, evenly spread (0: all)")
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--json", help="also write every result to this file")
@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skipped source {source}: {why}")
             continue
         listed = cases(source)
-        work += [(c, m) for c in (listed[: args.limit] if args.limit else listed) for m in modes]
+        picked = listed[:: max(1, len(listed) // args.limit)] if args.limit else listed
+        work += [(c, m) for c in picked for m in modes]
     with ThreadPoolExecutor(args.jobs) as pool:
         results = list(pool.map(lambda cm: (cm, run_isolated(*cm, args.timeout)), work))
     _print_table(results, modes)
