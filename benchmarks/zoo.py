@@ -4,7 +4,7 @@
     python benchmarks/zoo.py --sources hf --limit 40 --modes init_module,empty
     /work/venv-tv/bin/python benchmarks/zoo.py --sources timm,tv     # where torchvision imports
 
-Each (case, mode) runs in its own process with a timeout (`--one CASE MODE` prints one JSON line). Eager is
+Each case runs in its own process with a timeout (`--one CASE MODE[,MODE...]` prints one JSON line). Eager is
 `torch.manual_seed(0); build().to(dtype)` on CPU. A result is "exact" (every parameter and buffer equal, same
 dtypes, same ties by object and by storage), "mismatch" (the names that differ: silent garbage), "error" (a
 clear exception; its first line is the cause), or "skip" (the eager build itself fails: not a zoo case).
@@ -105,34 +105,41 @@ def _peer(build, mode: str) -> nn.Module:
     return model.to(DTYPE)
 
 
-def run_one(case: str, mode: str) -> dict:
-    """One (case, mode) here; the result as a dict (status, cause)."""
+def run_one(case: str, modes: list[str]) -> dict[str, dict]:
+    """Each mode of one case here (one import, one eager model): {mode: {"status", "cause"}}."""
     warnings.simplefilter("ignore")
     build = builder(case)
     try:
         want = _eager(build)
     except Exception as exc:  # noqa: BLE001
-        return {"status": "skip", "cause": f"eager: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
-    try:
-        got = _peer(build, mode) if mode in ("lightning", "meta_reset") else _torchinit(build, mode, want)
-    except Exception as exc:  # noqa: BLE001
-        return {"status": "error", "cause": f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"}
-    wrong = compare(got, want)
-    return {"status": "mismatch", "cause": ", ".join(wrong[:4]) + (f" (+{len(wrong) - 4})" if len(wrong) > 4
-                                                                    else "")} if wrong else {"status": "exact"}
+        skip = {"status": "skip", "cause": f"eager: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
+        return {mode: skip for mode in modes}
+    results = {}
+    for mode in modes:
+        try:
+            got = _peer(build, mode) if mode in ("lightning", "meta_reset") else _torchinit(build, mode, want)
+        except Exception as exc:  # noqa: BLE001
+            first = (str(exc).splitlines() or [""])[0][:200]
+            results[mode] = {"status": "error", "cause": f"{type(exc).__name__}: {first}"}
+            continue
+        wrong = compare(got, want)
+        more = f" (+{len(wrong) - 4})" if len(wrong) > 4 else ""
+        results[mode] = {"status": "mismatch", "cause": ", ".join(wrong[:4]) + more} if wrong else {"status": "exact"}
+        del got
+    return results
 
 
-def run_isolated(case: str, mode: str, timeout: float, python: str = sys.executable) -> dict:
+def run_isolated(case: str, modes: list[str], timeout: float, python: str = sys.executable) -> dict[str, dict]:
     """`run_one` in a fresh process: a crash, a hang or a leak stays in that case."""
     try:
-        done = subprocess.run([python, __file__, "--one", case, mode], capture_output=True, text=True,
+        done = subprocess.run([python, __file__, "--one", case, ",".join(modes)], capture_output=True, text=True,
                               timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
     except subprocess.TimeoutExpired:
-        return {"status": "error", "cause": f"timeout after {timeout:.0f} s"}
+        return {mode: {"status": "error", "cause": f"timeout after {timeout:.0f} s"} for mode in modes}
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if not lines:
         tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-        return {"status": "error", "cause": f"crashed (exit {done.returncode}): {tail[:200]}"}
+        return {mode: {"status": "error", "cause": f"crashed (exit {done.returncode}): {tail[:200]}"} for mode in modes}
     return json.loads(lines[-1])
 
 
@@ -147,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write every result to this file")
     args = parser.parse_args(argv)
     if args.one:
-        print(json.dumps(run_one(*args.one)), flush=True)
+        print(json.dumps(run_one(args.one[0], args.one[1].split(","))), flush=True)
         return 0
     from concurrent.futures import ThreadPoolExecutor
 
@@ -162,9 +169,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         listed = cases(source)
         picked = listed[:: max(1, len(listed) // args.limit)] if args.limit else listed
-        work += [(c, m) for c in picked for m in modes]
+        work += picked
     with ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(lambda cm: (cm, run_isolated(*cm, args.timeout)), work))
+        per_case = list(pool.map(lambda case: (case, run_isolated(case, modes, args.timeout)), work))
+    results = [((case, mode), r) for case, by_mode in per_case for mode, r in by_mode.items()]
     _print_table(results, modes)
     if args.json:
         Path(args.json).write_text(json.dumps([[c, m, r] for (c, m), r in results], indent=1))
