@@ -108,8 +108,8 @@ def _peer(build, mode: str) -> nn.Module:
 def run_one(case: str, modes: list[str]) -> dict[str, dict]:
     """Each mode of one case here (one import, one eager model): {mode: {"status", "cause"}}."""
     warnings.simplefilter("ignore")
-    build = builder(case)
     try:
+        build = builder(case)
         want = _eager(build)
     except Exception as exc:  # noqa: BLE001
         skip = {"status": "skip", "cause": f"eager: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}

@@ -252,10 +252,17 @@ def test_global_state_restored_at_exit_and_on_error():
     assert dict(vars(nn.init)) == originals and not _is_fake_mode_on()
 
 
-def test_record_contexts_do_not_nest():
-    with torchinit.InitContext("cpu", torch.float32), pytest.raises(ValueError, match="cannot be opened inside"):
+def test_record_contexts_nest_only_with_the_same_plan():
+    with torchinit.InitContext("cpu", torch.float32), pytest.raises(ValueError, match="different plan"):
         with torchinit.RecordContext("cpu"):
             pass
+    with torchinit.RecordContext("cpu", torch.bfloat16), pytest.raises(ValueError, match="different plan"):
+        with torchinit.RecordContext("cpu"):
+            pass
+    context = torchinit.RecordContext("cpu")
+    with context, context:  # re-entered: the inner one does nothing
+        layer = nn.Linear(2, 2)
+    assert layer.weight.device.type == "meta" and records_of(layer) is not None
 
 
 def test_the_record_is_freed_with_its_model():

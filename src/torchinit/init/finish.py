@@ -25,8 +25,9 @@ from torchinit.materialize import unwritten
 
 
 def finish(recorder: _OpRecorder, modules: list[nn.Module], dtype: torch.dtype | None,
-           device: torch.device | None) -> None:
-    """Fake tensors on `modules` -> placeholders (meta, or empty memory on `device`); the record is kept."""
+           device: torch.device | None, keep_garbage: bool = False) -> None:
+    """Fake tensors on `modules` -> placeholders (meta, or empty memory on `device`); the record is kept.
+    `keep_garbage`: bind uninitialized values too (replayed at once: eager's uninitialized memory, as eager)."""
     from torchinit.materialize.replay import Recording
 
     record = recorder.record
@@ -46,7 +47,7 @@ def finish(recorder: _OpRecorder, modules: list[nn.Module], dtype: torch.dtype |
             made.__dict__.update({k: v for k, v in fake.__dict__.items() if k not in _fake_attributes()})
             placeholders[id(fake)] = made
             ref = recorder.ref(fake)
-            if record.memory_of[ref.node] not in record.garbage:
+            if keep_garbage or record.memory_of[ref.node] not in record.garbage:
                 targets[id(made)] = (made, ref)
         return made
 

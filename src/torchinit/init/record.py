@@ -314,22 +314,33 @@ class RecordContext:
     `device` is where the init is recorded to run (random numbers differ between CPU and CUDA); `dtype` is the
     dtype floating placeholders get (as `Module.to(dtype)` would leave them; the values are computed in the
     default dtype and cast when replayed). `torchinit.materialize(model)` and `fabric.setup(model)` replay.
+    With `replay=True` the modules are materialized at exit (`fabric.init_module()` in a low precision: the
+    constructor ran in eager's dtypes, G8, and each value is computed in fp32 and stored cast, one at a time).
     With `empty_init=True` the placeholders are real, uninitialized memory on `device` (so `load_state_dict`
     works): buffers get their values at exit, parameters stay pending until a checkpoint writes them, and the
     record replays into exactly those nothing wrote (materialize/unwritten.py).
     Nothing is entered before `__enter__`; contexts do not nest.
     """
 
-    def __init__(self, device: torch.device | str, dtype: torch.dtype | None = None, empty_init: bool = False):
+    def __init__(self, device: torch.device | str, dtype: torch.dtype | None = None, empty_init: bool = False,
+                 replay: bool = False):
         self.device = torch.device(device)
         self.dtype = dtype
         self.empty_init = bool(empty_init)
-        self._stack: ExitStack | None = None
+        self.replay = bool(replay) and not self.empty_init
+        self._open: list[tuple[ExitStack, _OpRecorder, _Recorder] | None] = []
+
+    def _plan(self) -> tuple:
+        return self.device, self.dtype, self.empty_init, self.replay
 
     def __enter__(self) -> RecordContext:
-        if self._stack is not None or _RECORDING or _ACTIVE:
-            raise ValueError("A record context cannot be opened inside another init or record context (a different "
-                             "plan): close the outer context first.")
+        if _RECORDING or _ACTIVE:
+            outer = _OPEN[-1] if _RECORDING else None
+            if outer is None or outer._plan() != self._plan():
+                raise ValueError("Cannot open a record context inside another init or record context with a different "
+                                 "plan: close the outer context first, or use the same Fabric for both.")
+            self._open.append(None)  # the outer context does everything
+            return self
         stack = ExitStack()
         try:
             record = Record(self.device, torch.get_default_dtype())
@@ -341,24 +352,49 @@ class RecordContext:
             stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
             stack.enter_context(recorder)
             _RECORDING.append(recorder)
+            _OPEN.append(self)
+            stack.callback(_OPEN.pop)
             stack.callback(_RECORDING.pop)
             stack.enter_context(_record_init_functions())
         except BaseException:
             stack.close()
             raise
-        self._stack, self._recorder, self._modules = stack, recorder, modules
+        self._open.append((stack, recorder, modules))
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        stack, recorder, modules = self._stack, self._recorder, self._modules
-        self._stack = self._recorder = self._modules = None
+        opened = self._open.pop()
+        if opened is None:
+            return False
+        stack, recorder, modules = opened
         stack.close()
         if exc_type is None:
             from torchinit.init.finish import finish
 
             _check_generators(recorder.record)
-            finish(recorder, list(modules.modules), self.dtype, self.device if self.empty_init else None)
+            built = list(modules.modules)
+            finish(recorder, built, self.dtype, self.device if self.empty_init else None, keep_garbage=self.replay)
+            if self.replay:
+                _replay_now(recorder.record, built, self.device, self.dtype)
         return False
+
+
+_OPEN: list[RecordContext] = []
+
+
+def _replay_now(record: Record, built: list[nn.Module], device: torch.device, dtype: torch.dtype | None) -> None:
+    """Materialize what was built (the record replayed) and leave the random streams where eager leaves them."""
+    from torchinit.materialize.materialize import materialize
+
+    children = {id(c) for m in built for c in m._modules.values() if c is not None}
+    roots = [m for m in built if id(m) not in children]
+    recording = _RECORDS.get(roots[0]) if roots else None
+    for root in roots:
+        materialize(root, device, dtype, check_values=False)
+    final = getattr(recording, "final_rng", None)
+    if final is not None:
+        for i, state in final.items():
+            record.generators[i].set_state(state)
 
 
 def _check_generators(record: Record) -> None:

@@ -199,6 +199,7 @@ class Recording:
         self.cache: dict[int, torch.Tensor] = {}  # finished values of targets not asked for yet
         self._replayer: _Replayer | None = None
         self.peak_bytes = 0  # the most memory a replay held besides the targets (a diagnostic)
+        self.final_rng: dict[int, torch.Tensor] | None = None
 
     @property
     def alive(self) -> bool:
@@ -250,6 +251,8 @@ class Recording:
             stop = 1 + max(replayer.finish_at[self.record.memory_of[self.targets[k][1].node]] for k in wanted)
         replayer.run(stop, finished)
         self.peak_bytes = max(self.peak_bytes, replayer.peak)
+        if last:  # where eager leaves the random streams (init_module() moves the user's there)
+            self.final_rng = dict(replayer.rng)
         if not self.targets:  # every value handed out: free the record's memory
             self._replayer = None
             self.cache.clear()
