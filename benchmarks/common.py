@@ -19,6 +19,7 @@ def parse_args(doc: str, argv: list[str] | None) -> tuple[argparse.Namespace, st
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--precision", default="bf16-true", choices=list(DTYPES))
     parser.add_argument("--repeat", type=int, default=3, help="best of N after one warm-up, when cheap")
+    parser.add_argument("--cases", default="", help="comma-separated case names to run (default: all)")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     params, dtype = num_parameters(config_for(args.size)), DTYPES[args.precision]
