@@ -77,12 +77,28 @@ def finish(recorder: _OpRecorder, modules: list[nn.Module], dtype: torch.dtype |
                 if not known and id(made) in targets:  # a plain attribute: set to its value when replayed
                     loose[id(made)] = (weakref.ref(module), name)
     recording = Recording(record, targets, loose, sliced=device is not None)
+    recording.dtype = dtype
     for module in modules:
         _RECORDS[module] = recording
     recorder.keep.clear()
     recorder.node_of.clear()
     if device is not None:
         _finish_empty(recording, modules, {id(t) for t in placeholders.values() if isinstance(t, nn.Parameter)})
+        own_apply(modules, dtype)
+
+
+def own_apply(modules: list[nn.Module], dtype: torch.dtype | None) -> None:
+    """Modules that override `Module._apply` decide for themselves what `model.to(dtype)` does to them (timm's
+    rotary embeddings keep their bands in fp32 and recompute them): run eager's `.to(dtype)` on those, once
+    their values are there. For every other module the cast is plain, and already done."""
+    if dtype is None:
+        return
+    for module in modules:
+        if type(module)._apply is not nn.Module._apply and all(
+            t.device.type != "meta" and type(t) in (torch.Tensor, nn.Parameter)
+            for t in [*module.parameters(), *module.buffers()]
+        ):
+            module.to(dtype)
 
 
 def _finish_empty(recording, modules: list[nn.Module], params: set[int]) -> None:

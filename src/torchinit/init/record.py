@@ -384,6 +384,7 @@ _OPEN: list[RecordContext] = []
 
 def _replay_now(record: Record, built: list[nn.Module], device: torch.device, dtype: torch.dtype | None) -> None:
     """Materialize what was built (the record replayed) and leave the random streams where eager leaves them."""
+    from torchinit.init.finish import own_apply
     from torchinit.materialize.materialize import materialize
 
     children = {id(c) for m in built for c in m._modules.values() if c is not None}
@@ -391,6 +392,7 @@ def _replay_now(record: Record, built: list[nn.Module], device: torch.device, dt
     recording = _RECORDS.get(roots[0]) if roots else None
     for root in roots:
         materialize(root, device, dtype, check_values=False)
+    own_apply(built, dtype)
     final = getattr(recording, "final_rng", None)
     if final is not None:
         for i, state in final.items():

@@ -200,6 +200,7 @@ class Recording:
         self._replayer: _Replayer | None = None
         self.peak_bytes = 0  # the most memory a replay held besides the targets (a diagnostic)
         self.final_rng: dict[int, torch.Tensor] | None = None
+        self.dtype: torch.dtype | None = None  # the dtype the record's placeholders were made in
 
     @property
     def alive(self) -> bool:
