@@ -20,7 +20,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from torchinit.init.context import poison_enabled
-from torchinit.init.record import _RECORDS, Alias, Ref, _OpRecorder
+from torchinit.init.record import _RECORDS, Alias, Record, Ref, _OpRecorder
 from torchinit.materialize import unwritten
 
 
@@ -117,3 +117,19 @@ def _fake_attributes() -> frozenset[str]:
     """What FakeTensor keeps in a tensor's __dict__ (its mode, device, memos): not the user's, not copied."""
     fake = FakeTensorMode().from_tensor(torch.empty(0))
     return frozenset(vars(fake)) | {"_is_param"}
+
+
+def replay_now(record: Record, built: list[nn.Module], device: torch.device, dtype: torch.dtype | None) -> None:
+    """Materialize what was built (the record replayed) and leave the random streams where eager leaves them."""
+    from torchinit.materialize.materialize import materialize
+
+    children = {id(c) for m in built for c in m._modules.values() if c is not None}
+    roots = [m for m in built if id(m) not in children]
+    recording = _RECORDS.get(roots[0]) if roots else None
+    for root in roots:
+        materialize(root, device, dtype, check_values=False)
+    own_apply(built, dtype)
+    final = getattr(recording, "final_rng", None)
+    if final is not None:
+        for i, state in final.items():
+            record.generators[i].set_state(state)

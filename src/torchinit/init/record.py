@@ -369,34 +369,17 @@ class RecordContext:
         stack, recorder, modules = opened
         stack.close()
         if exc_type is None:
-            from torchinit.init.finish import finish
+            from torchinit.init.finish import finish, replay_now
 
             _check_generators(recorder.record)
             built = list(modules.modules)
             finish(recorder, built, self.dtype, self.device if self.empty_init else None, keep_garbage=self.replay)
             if self.replay:
-                _replay_now(recorder.record, built, self.device, self.dtype)
+                replay_now(recorder.record, built, self.device, self.dtype)
         return False
 
 
 _OPEN: list[RecordContext] = []
-
-
-def _replay_now(record: Record, built: list[nn.Module], device: torch.device, dtype: torch.dtype | None) -> None:
-    """Materialize what was built (the record replayed) and leave the random streams where eager leaves them."""
-    from torchinit.init.finish import own_apply
-    from torchinit.materialize.materialize import materialize
-
-    children = {id(c) for m in built for c in m._modules.values() if c is not None}
-    roots = [m for m in built if id(m) not in children]
-    recording = _RECORDS.get(roots[0]) if roots else None
-    for root in roots:
-        materialize(root, device, dtype, check_values=False)
-    own_apply(built, dtype)
-    final = getattr(recording, "final_rng", None)
-    if final is not None:
-        for i, state in final.items():
-            record.generators[i].set_state(state)
 
 
 def _check_generators(record: Record) -> None:
