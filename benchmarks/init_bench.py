@@ -5,6 +5,7 @@ bytes cost at the least: one allocation of the model's size in the target dtype 
 it (for cases that initialize), or the allocation alone (for empty-init cases).
 
     python benchmarks/init_bench.py --size 1b --device cuda --repeat 3
+    python benchmarks/init_bench.py --size 0.3b --device cpu --repeat 0 --cases naive,torchinit,floor-init
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import torch
 from common import emit, parse_args, run_all
 from torch import nn
@@ -115,10 +117,15 @@ def checksum(model: nn.Module) -> str:
 def _run_case(case: str, size: str, device: str, precision: str, repeat: int, workdir: str) -> dict:
     cfg, target, checkpoint = config_for(size), torch.device(device), Path(workdir) / "eager.pt"
     build = _setup(case, cfg, target, precision, checkpoint)
+    importlib.import_module("torch._subclasses.fake_tensor").FakeTensorMode()  # its imports, once per process
+
     probe = Probe(target)
     with probe.timed():
         built = build()
     first = probe.seconds
+    after_mib = max(0, psutil.Process().memory_info().rss - probe.rss_base) / 2**20  # the first build, still held
+    tensors = [built] if isinstance(built, torch.Tensor) else [*built.parameters(), *built.buffers()]
+    model_mib = sum(t.numel() * t.element_size() for t in tensors) / 2**20
     if first < CHEAP_SECONDS and repeat > 0:
         probe.times.clear()  # that was the warm-up
         for _ in range(repeat):
@@ -130,6 +137,7 @@ def _run_case(case: str, size: str, device: str, precision: str, repeat: int, wo
                 built = build()
     result = probe.result()
     result["first"], result["runs"] = first, len(probe.times)
+    result["after_mib"], result["model_mib"] = after_mib, model_mib
     result["checksum"] = checksum(built) if CASES[case].compare else None
     if case == "eager":  # what torchinit-load loads
         torch.save(built.state_dict(), checkpoint)
@@ -159,13 +167,18 @@ def main(argv: list[str] | None = None) -> int:
     naive = results.get("naive")
     reference = results.get("eager")  # the values to compare with: eager ON the device (a GPU draws other numbers)
     print()
-    print(_format_row(["case", "best s", "first s", "peak RSS +MiB", "peak dev MiB", "/ naive", "/ floor", "params"]))
+    print(_format_row(["case", "best s", "first s", "model MiB", "peak RSS +MiB", "after RSS +MiB", "peak/model",
+                       "after/model", "peak dev MiB", "/ naive", "/ floor", "params"]))
     for name, r in results.items():
         device_mib = "-" if r["device_mib"] is None else f"{r['device_mib']:,.0f}"
         times = [f"{r['seconds']:.3f}", f"{r['first']:.3f}"]
+        memory = [f"{r['model_mib']:,.0f}", f"{r['rss_mib']:,.0f}", f"{r['after_mib']:,.0f}",
+                  f"{r['rss_mib'] / r['model_mib']:.2f}x", f"{r['after_mib'] / r['model_mib']:.2f}x"]
         ratios = [_ratio(r["seconds"], naive), _ratio(r["seconds"], results.get(CASES[name].floor))]
-        print(_format_row([CASES[name].label, *times, f"{r['rss_mib']:,.0f}", device_mib, *ratios,
-                           _verdict(r, reference)]))
+        print(_format_row([CASES[name].label, *times, *memory, device_mib, *ratios, _verdict(r, reference)]))
+    print("RSS columns: host memory above the process's baseline (peak: over every run; after: right after the "
+          "first build, the model still held), counted after the imports (fake tensors import torch._dynamo "
+          "once per process: ~75-100 MiB, not counted). Timings on a busy machine are noisy.")
     for note in notes:
         print(note)
     emit([{"key": name, "case": CASES[name].label, "seconds": r["seconds"], "rss_mib": r["rss_mib"],

@@ -12,25 +12,63 @@ PRECISIONS = ["64-true", "32-true", "16-true", "bf16-true", "bf16-mixed"]
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
-@pytest.mark.parametrize("empty_init", [False, True])
-def test_placement(precision, empty_init):
+def test_placement(precision):
+    """G1 for init_tensor(): every floating tensor without dtype= in the precision's dtype, on the device."""
     fabric = torchinit.Fabric(accelerator="cpu", precision=precision)
     want = fabric.plan.param_dtype
-    with fabric.init_module(empty_init=empty_init):
+    with fabric.init_tensor():
         assert torch.get_default_dtype() == want
         floats = [torch.empty(2), torch.zeros(2), torch.ones(2, 2), torch.rand(3), torch.randn(3),
                   torch.full((2,), 1.5), torch.arange(0.0, 2.0, 0.5), torch.linspace(0, 1, 5),
                   torch.eye(2), torch.tensor([0.5])]
         explicit = [torch.zeros(2, dtype=torch.float32), torch.ones(2, dtype=torch.float64)]
         integers = [torch.arange(3), torch.zeros(2, dtype=torch.long), torch.tensor([1, 2]), torch.randint(0, 5, (3,))]
-        layer = nn.Linear(3, 4)
         derived = floats[2] * 2 + 1
     assert all(t.dtype == want for t in floats), [t.dtype for t in floats]
     assert derived.dtype == want
     assert [t.dtype for t in explicit] == [torch.float32, torch.float64]
     assert all(t.dtype == torch.int64 for t in integers)
-    assert layer.weight.dtype == want and layer.bias.dtype == want
-    assert all(t.device == fabric.device for t in floats + integers + explicit + [layer.weight])
+    assert all(t.device == fabric.device for t in floats + integers + explicit)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("empty_init", [False, True])
+def test_placement_of_module_tensors(precision, empty_init):
+    """G1 for init_module(): the modules' floating tensors in the precision's dtype, on the device; integer
+    buffers and explicit dtypes as eager's `.to(dtype)` leaves them."""
+    fabric = torchinit.Fabric(accelerator="cpu", precision=precision)
+    want = fabric.plan.param_dtype
+    with fabric.init_module(empty_init=empty_init):
+        layer = nn.Linear(3, 4)
+        layer.register_buffer("ids", torch.arange(3))
+        layer.register_buffer("scale", torch.ones(2, dtype=torch.float64))
+    assert layer.weight.dtype == want and layer.bias.dtype == want and layer.scale.dtype == want
+    assert layer.ids.dtype == torch.int64
+    assert all(t.device == fabric.device for t in [layer.weight, layer.bias, layer.ids, layer.scale])
+
+
+class SeesItsDtypes(nn.Module):
+    """A constructor that computes for itself (G8): widths from float tensors, a dtype copied from a parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = (torch.get_default_dtype(), torch.tensor(0.8).dtype)
+        width = int(torch.tensor(1.0 / 3.0) * 3000)  # 1000 in fp32, 999 in bf16
+        self.layer = nn.Linear(3, width)
+        self.register_buffer("scale", torch.ones(2, dtype=self.layer.weight.dtype) / 3)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("empty_init", [False, True])
+def test_construction_sees_eager_dtypes(precision, empty_init):
+    fabric = torchinit.Fabric(accelerator="cpu", precision=precision)
+    with fabric.init_module(empty_init=empty_init):
+        model = SeesItsDtypes()
+    assert model.seen == (torch.float32, torch.float32)
+    assert model.layer.out_features == 1000
+    want = fabric.plan.param_dtype
+    assert model.layer.weight.dtype == want and model.layer.weight.device == fabric.device
+    assert torch.equal(model.scale, (torch.ones(2) / 3).to(want))
 
 
 def test_values_of_promoted_tensors_are_cast_eager_values():
@@ -47,7 +85,7 @@ def test_nothing_is_entered_before_enter():
     context = torchinit.Fabric(accelerator="cpu", precision="bf16-true").init_module(empty_init=True)
     assert torch.get_default_dtype() == before
     assert not _get_current_dispatch_mode_stack()
-    assert isinstance(context, torchinit.InitContext)
+    assert isinstance(context, torchinit.RecordContext)  # empty init on one device records (unwritten.py)
 
 
 @pytest.mark.parametrize("empty_init", [False, True])
@@ -85,9 +123,10 @@ def test_reentered_and_nested_same_plan():
         with context:
             with context:
                 with fabric.init_module():
-                    assert torch.empty(1).dtype == torch.bfloat16
-                assert torch.empty(1).dtype == torch.bfloat16
-            assert torch.empty(1).dtype == torch.bfloat16
+                    inner = nn.Linear(2, 2)
+                assert torch.get_default_dtype() == torch.float32  # eager's world inside (G8)
+            outer = nn.Linear(2, 2)
+        assert inner.weight.dtype == outer.weight.dtype == torch.bfloat16 and inner.weight.device.type == "cpu"
         assert torch.get_default_dtype() == torch.float32
 
 
@@ -100,8 +139,8 @@ def test_nested_conflicting_plans_raise_and_keep_outer(inner):
         with pytest.raises(ValueError, match="different plan"):
             with other.init_module(empty_init=empty):
                 pass
-        assert torch.get_default_dtype() == torch.bfloat16
-        assert nn.Linear(2, 2).weight.dtype == torch.bfloat16
+        layer = nn.Linear(2, 2)
+    assert layer.weight.dtype == torch.bfloat16
     assert torch.get_default_dtype() == torch.float32
 
 

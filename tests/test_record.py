@@ -177,17 +177,58 @@ def test_missing_keys_of_a_checkpoint_are_replayed(tmp_path):
 
 
 class DataDependent(nn.Module):
+    """Ops fake tensors cannot run: value-dependent shapes (timm's RegNet calls unique in its constructor)."""
+
     def __init__(self):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(5))
         self.register_buffer("picked", torch.nonzero(self.weight > 0))
+        widths = torch.unique(torch.tensor([8.0, 8.0, 16.0]) * 1.5)
+        self.layers = nn.ModuleList(nn.Linear(int(w), 2) for w in widths)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_value_dependent_ops_are_computed_for_real_and_recorded(dtype):
+    torch.manual_seed(0)
+    with torchinit.RecordContext("cpu", dtype):
+        model = DataDependent()
+    torchinit.materialize(model)
+    assert_bitwise_equal(model, eager(DataDependent, dtype))
+
+
+_LIBRARY = torch.library.Library("torchinit_test", "DEF")  # ops with a CPU kernel only: no fake kernel
+_LIBRARY.define("scale_inplace(Tensor(a!) x) -> Tensor(a!)")
+_LIBRARY.impl("scale_inplace", lambda x: x.mul_(2), "CPU")
+_LIBRARY.define("scaled(Tensor x) -> Tensor")
+_LIBRARY.impl("scaled", lambda x: x * 2, "CPU")
+
+
+class WithoutFakeKernel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ops.torchinit_test.scaled(torch.randn(3)))
+
+
+def test_an_op_without_a_fake_kernel_is_computed_for_real_and_recorded():
+    torch.manual_seed(0)
+    with torchinit.RecordContext("cpu"):
+        model = WithoutFakeKernel()
+    torchinit.materialize(model)
+    assert_bitwise_equal(model, eager(WithoutFakeKernel, torch.float32))
+
+
+class MutatesWithoutFakeKernel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(3))
+        torch.ops.torchinit_test.scale_inplace(self.weight.data)
 
 
 def test_an_op_that_cannot_be_recorded_is_named_at_record_time():
     default_device = torch.get_default_device()
-    with pytest.raises(torchinit.RecordError, match=r"aten\.nonzero.*DataDependent\.__init__"):
+    with pytest.raises(torchinit.RecordError, match=r"scale_inplace.*MutatesWithoutFakeKernel\.__init__"):
         with torchinit.RecordContext("cpu"):
-            DataDependent()
+            MutatesWithoutFakeKernel()
     assert torch.get_default_device() == default_device and torch.nn.init.normal_.__module__ == "torch.nn.init"
     assert not _get_current_dispatch_mode_stack() and not _is_fake_mode_on()
 
@@ -211,10 +252,17 @@ def test_global_state_restored_at_exit_and_on_error():
     assert dict(vars(nn.init)) == originals and not _is_fake_mode_on()
 
 
-def test_record_contexts_do_not_nest():
-    with torchinit.InitContext("cpu", torch.float32), pytest.raises(ValueError, match="cannot be opened inside"):
+def test_record_contexts_nest_only_with_the_same_plan():
+    with torchinit.InitContext("cpu", torch.float32), pytest.raises(ValueError, match="different plan"):
         with torchinit.RecordContext("cpu"):
             pass
+    with torchinit.RecordContext("cpu", torch.bfloat16), pytest.raises(ValueError, match="different plan"):
+        with torchinit.RecordContext("cpu"):
+            pass
+    context = torchinit.RecordContext("cpu")
+    with context, context:  # re-entered: the inner one does nothing
+        layer = nn.Linear(2, 2)
+    assert layer.weight.device.type == "meta" and records_of(layer) is not None
 
 
 def test_the_record_is_freed_with_its_model():

@@ -66,7 +66,7 @@ class Probe:
             torch.zeros(1, device=device)  # create the CUDA context before the baseline
             torch.cuda.reset_peak_memory_stats(device)
             self._device_base = torch.cuda.memory_allocated(device)
-        self._rss_base = psutil.Process().memory_info().rss
+        self.rss_base = psutil.Process().memory_info().rss
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -90,7 +90,7 @@ class Probe:
         device_mib = None
         if self.device.type == "cuda":
             device_mib = (torch.cuda.max_memory_allocated(self.device) - self._device_base) / MiB
-        rss_mib = max(0, peak_rss - self._rss_base) / MiB
+        rss_mib = max(0, peak_rss - self.rss_base) / MiB
         return {"seconds": self.seconds, "rss_mib": rss_mib, "device_mib": device_mib}
 
 

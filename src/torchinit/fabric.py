@@ -119,6 +119,12 @@ class Fabric:
         sharded = self.plan.strategy in ("fsdp", "model_parallel")
         if sharded and self.plan.options.record_init:
             return RecordContext(self.plan.device, self.plan.param_dtype)
+        if empty_init and not sharded:  # record now, replay what no checkpoint writes (unwritten.py)
+            return RecordContext(self.plan.device, self.plan.param_dtype, empty_init=True)
+        if not sharded and self.plan.param_dtype != torch.get_default_dtype():
+            # G8: the constructor runs in eager's dtypes on fake tensors; each value is computed as eager does and
+            # stored cast at exit, one tensor at a time (never an fp32 copy of the model)
+            return RecordContext(self.plan.device, self.plan.param_dtype, replay=True)
         meta = sharded
         return InitContext(self.plan.device, self.plan.param_dtype, empty_init=bool(empty_init), meta=meta)
 

@@ -91,6 +91,10 @@ class ConstructionMode(TorchDispatchMode):
         if param.device.type != "meta":
             self._remember(self.param_storages, param)
 
+    def skipped(self, t: torch.Tensor) -> None:
+        """Empty init skipped a write into `t` (a `torch.nn.init` call): its value is not eager's."""
+        self._remember(self.unwritten, t)
+
     def is_unwritten(self, t: torch.Tensor) -> bool:
         return id(_storage(t)) in self.unwritten
 
@@ -158,9 +162,15 @@ class ConstructionMode(TorchDispatchMode):
         if self.skip_param_writes and written and all(
             id(_storage(t)) in self.param_storages for t in written.values()
         ):
-            return _aliased_result(func, args, kwargs)  # empty init: leave parameter memory untouched
+            for t in written.values():  # empty init: parameter memory untouched, so its value is not eager's
+                self.skipped(t)
+            return _aliased_result(func, args, kwargs)
 
         packet = func.overloadpacket
+        written_ids = {id(t) for t in written.values()}
+        reads_unwritten = self.skip_param_writes and any(  # what is computed from garbage is garbage (G9)
+            id(_storage(x)) in self.unwritten for x in leaves if id(x) not in written_ids or packet not in _OVERWRITES
+        )
         if self.promote and any(self._promoted(t) is not None for t in leaves):
             out = self._run_on_shadows(func, packet, args, kwargs, written)
         else:
@@ -168,8 +178,14 @@ class ConstructionMode(TorchDispatchMode):
             if packet in _UNINITIALIZED:
                 self._fresh_uninitialized(pytree.tree_leaves(out))
         for t in written.values():
-            if _covers_storage(t):
+            if reads_unwritten:
+                self._remember(self.unwritten, t)
+            elif _covers_storage(t):
                 self.unwritten.discard(id(_storage(t)))
+        if reads_unwritten:
+            for t in pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor) and id(t) not in written_ids and t.numel():
+                    self._remember(self.unwritten, t)
         return out
 
     def _factory(self, func, args, kwargs):

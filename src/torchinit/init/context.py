@@ -101,7 +101,8 @@ class InitContext:
             mode = ConstructionMode(compute, self.dtype, skip_param_writes=self.empty_init, poison=_POISON.get())
             stack.enter_context(mode)
         if self.meta or (self.empty_init and mode is not None):
-            stack.enter_context(_skip_init_functions(mode.param_storages if mode is not None else set()))
+            stack.enter_context(_skip_init_functions(mode.param_storages if mode is not None else set(),
+                                                     mode.skipped if mode is not None else None))
         recorder = _Recorder(mode, params_on_meta=self.meta)
         stack.enter_context(recorder)
         return recorder
@@ -161,11 +162,15 @@ class _Recorder:
 
     def finish(self, dtype: torch.dtype) -> None:
         """Cast what is not yet in `dtype` (as `Module.to(dtype)` does) and hand unwritten params on."""
+        tracking = self.mode is not None and self.mode.skip_param_writes
         with torch.no_grad():
             for module in list(self.modules):
                 for param in module._parameters.values():
                     if param is not None and param.is_floating_point() and param.dtype != dtype:
+                        garbage = tracking and self.mode.is_unwritten(param)
                         param.data = param.data.to(dtype)
+                        if garbage:  # (an explicit-dtype parameter: the cast copies garbage, it writes nothing)
+                            self.mode._remember(self.mode.unwritten, param)
                 for name, buffer in module._buffers.items():
                     if buffer is not None and buffer.is_floating_point() and buffer.dtype != dtype:
                         module._buffers[name] = buffer.to(dtype)
@@ -188,7 +193,7 @@ def _on_meta(param: nn.Parameter) -> nn.Parameter:
 
 
 @contextmanager
-def _skip_init_functions(param_storages: set[int]) -> Iterator[None]:
+def _skip_init_functions(param_storages: set[int], skipped=None) -> Iterator[None]:
     """Make every public `torch.nn.init` function a no-op on parameters (and on meta tensors) while open.
 
     The aten-level skip already leaves parameter memory untouched; this also skips the work these functions
@@ -206,6 +211,8 @@ def _skip_init_functions(param_storages: set[int]) -> Iterator[None]:
             if isinstance(tensor, torch.Tensor) and (
                 tensor.device.type == "meta" or id(tensor.untyped_storage()) in param_storages
             ):
+                if skipped is not None and tensor.device.type != "meta":
+                    skipped(tensor)  # its value is not eager's now: pending (G9)
                 return tensor
             return fn(tensor, *args, **kwargs)
 

@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import functools
 import sys
-import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -33,69 +31,13 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from torchinit.init.construct import _written_args
 from torchinit.init.context import _ACTIVE, _Recorder
+from torchinit.init.record_data import Alias, Const, Gen, Op, Record, Ref
 
 
 class RecordError(RuntimeError):
     """An operation that cannot be recorded for replay; the message names the module and the op."""
-
-
-# ---- what a record holds -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Ref:
-    """The output `node` of an earlier op."""
-
-    node: int
-
-
-@dataclass(frozen=True)
-class Alias:
-    """A view made without an op (`.data`, `.data =`): `as_strided` of the memory node `node` was made with."""
-
-    node: int
-    size: tuple[int, ...]
-    stride: tuple[int, ...]
-    offset: int
-    dtype: torch.dtype
-
-
-@dataclass(frozen=True)
-class Const:
-    """A real tensor captured from outside the constructor (copied when recorded)."""
-
-    index: int
-
-
-@dataclass(frozen=True)
-class Gen:
-    """An explicit `torch.Generator` passed to a random op."""
-
-    index: int
-
-
-@dataclass
-class Op:
-    func: Callable  # an aten OpOverload, or a torch.nn.init function recorded as one call
-    args: tuple
-    kwargs: dict
-    outs: tuple[int | None, ...]  # node ids of the tensor leaves of the result (None: not a new tensor)
-    memory: tuple[int, ...]  # the memory (first node of each storage) this op touches
-    overwrites: int | None = None  # memory this op writes in full without reading it (its old value is dead)
-
-
-@dataclass
-class Record:
-    """Everything replay needs; holds no fake tensors and no reference to the modules."""
-
-    device: torch.device
-    default_dtype: torch.dtype
-    ops: list[Op] = field(default_factory=list)
-    consts: list[torch.Tensor] = field(default_factory=list)
-    generators: list[torch.Generator] = field(default_factory=list)
-    rng: dict[int, torch.Tensor] = field(default_factory=dict)  # generator index -> state at record start
-    memory_of: dict[int, int] = field(default_factory=dict)  # node -> the first node of its storage
-    layout: list[tuple] = field(default_factory=list)  # node -> (size, stride, storage offset, dtype)
-    whole: set[int] = field(default_factory=set)  # memory whose first node spans its whole storage
 
 
 # ---- 2. the recorder ---------------------------------------------------------------------------------------
@@ -190,12 +132,33 @@ class _OpRecorder(TorchDispatchMode):
             nodes.append(node)
         return tuple(nodes)
 
-    def add(self, func: Callable, args: tuple, kwargs: dict, out: Any, overwritten: int | None = None) -> None:
-        """Append an op whose arguments were just encoded (so `touched` holds the memory they reference)."""
+    def add(self, func: Callable, args: tuple, kwargs: dict, out: Any, overwritten: int | None = None,
+            written: tuple[torch.Tensor, ...] = ()) -> None:
+        """Append an op whose arguments were just encoded (so `touched` holds the memory they reference);
+        `written` are the arguments it writes in place."""
         outs = self.bind(out)
-        memory, self.touched = self.touched, set()
-        memory.update(self.record.memory_of[n] for n in outs if n is not None)
-        self.record.ops.append(Op(func, args, kwargs, outs, tuple(sorted(memory)), overwritten))
+        reads, self.touched = self.touched, set()
+        writes = {self.record.memory_of[n] for n in outs if n is not None}
+        writes.update(self.first_node[_storage_key(t)] for t in written if _storage_key(t) in self.first_node)
+        self._track_garbage(func, reads, writes, overwritten)
+        random = torch.Tag.nondeterministic_seeded in getattr(func, "tags", ()) if isinstance(
+            func, torch._ops.OpOverload) else getattr(func, "__name__", "") not in _DETERMINISTIC_INIT
+        self.record.ops.append(Op(func, args, kwargs, outs, tuple(sorted(reads | writes)), overwritten,
+                                  tuple(sorted(writes)), random))
+
+    def _track_garbage(self, func: Callable, reads: set[int], writes: set[int], overwritten: int | None) -> None:
+        """Which memory holds uninitialized values (G9, without poison): made by `empty`, until an op writes it
+        in full from initialized inputs; an op reading such memory passes it on to what it writes."""
+        garbage = self.record.garbage
+        if getattr(func, "overloadpacket", None) in _EMPTY:
+            garbage.update(writes)
+        elif not getattr(func, "is_view", False):
+            tainted = any(m in garbage for m in reads if m != overwritten)
+            for m in writes:
+                if tainted:
+                    garbage.add(m)
+                elif m == overwritten or m not in reads:
+                    garbage.discard(m)
 
     def overwritten(self, args: tuple) -> int | None:
         """The memory an overwriting op fills in full: its first argument spans its storage and no other
@@ -221,12 +184,42 @@ class _OpRecorder(TorchDispatchMode):
         try:
             out = func(*args, **kwargs)
         except Exception as exc:
+            if not func._schema.is_mutable and any(isinstance(x, FakeTensor) for x in pytree.tree_leaves(args)):
+                return self.through(func, args, kwargs, exc)
             raise RecordError(
                 f"Cannot record {func} in {_where()}: {type(exc).__name__}: {exc}. Build the model without a "
                 "record: FSDPStrategy(record_init=False) / DeepSpeedStrategy(stage=3, record_init=False) under "
                 "Fabric, or torchinit.InitContext instead of torchinit.RecordContext."
             ) from exc
-        self.add(func, enc_args, enc_kwargs, out, overwritten)
+        self.add(func, enc_args, enc_kwargs, out, overwritten, tuple(_written_args(func, args, kwargs).values()))
+        return out
+
+    def through(self, func: Callable, args: tuple, kwargs: dict, failed: Exception) -> Any:
+        """An op fake tensors cannot run (an output shape that depends on values: `unique`, `nonzero`, boolean
+        indexing; an op without a fake kernel): run it on the real inputs (a replay of the record so far, as for
+        `.item()`) and record its result as a constant. Eager computes exactly this, since the inputs are fixed
+        by the record. If the real op fails too, that is the constructor's own error: it is raised as it is."""
+        from torchinit.materialize.replay import evaluate
+
+        self.touched = set()
+        fakes = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, FakeTensor)]
+        mode = fakes[0].fake_mode
+        with unset_fake_temporarily():
+            real_args, real_kwargs = pytree.tree_map(
+                lambda x: evaluate(self.record, self.ref(x)) if isinstance(x, FakeTensor) else x, (args, kwargs))
+            try:
+                real = func(*real_args, **real_kwargs)
+            except Exception as exc:
+                raise exc from failed
+        self.paused = True
+        try:
+            out = pytree.tree_map(lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t, real)
+        finally:
+            self.paused = False
+        for value, fake in zip(pytree.tree_leaves(real), pytree.tree_leaves(out), strict=True):
+            if isinstance(fake, FakeTensor):
+                self.touched = set()
+                self.add(_aten.clone.default, (self.constant(value),), {}, fake)
         return out
 
     def scalar(self, t: torch.Tensor) -> Any:
@@ -243,7 +236,7 @@ class _OpRecorder(TorchDispatchMode):
         """One `torch.nn.init` call: each of them writes every element of its tensor."""
         overwritten = self.overwritten((tensor, *args))
         self.touched = set()
-        self.add(fn, self.encode((tensor, *args)), self.encode(kwargs), None, overwritten)
+        self.add(fn, self.encode((tensor, *args)), self.encode(kwargs), None, overwritten, (tensor,))
 
 
 _RECORDING: list[_OpRecorder] = []
@@ -264,6 +257,8 @@ _OVERWRITERS = {_aten.normal_.default, _aten.uniform_.default, _aten.fill_.Scala
                 _aten.zero_.default, _aten.random_.default, getattr(_aten.random_, "from"), _aten.random_.to,
                 _aten.exponential_.default, _aten.bernoulli_.float, _aten.log_normal_.default,
                 _aten.cauchy_.default, _aten.geometric_.default, _aten.copy_.default}
+_EMPTY = {_aten.empty, _aten.empty_strided, _aten.empty_like, _aten.new_empty, _aten.new_empty_strided}
+_DETERMINISTIC_INIT = {"constant_", "ones_", "zeros_", "eye_", "dirac_"}  # torch.nn.init functions drawing nothing
 
 
 def _where() -> str:
@@ -292,8 +287,8 @@ def _record_init_functions() -> Iterator[None]:
             if recorder is None or recorder.paused or not isinstance(tensor, FakeTensor):
                 return fn(tensor, *args, **kwargs)
             recorder.paused = True
-            try:  # validation only, on a plain meta tensor; factories inside (sparse_'s randperm) on meta too,
-                with unset_fake_temporarily(), torch.device("meta"):  # so nothing is drawn for real
+            try:  # validation only, on a plain meta tensor; factories inside on meta too, so nothing is drawn for
+                with unset_fake_temporarily(), torch.device("meta"):  # real (sparse_'s randperm; eye_'s out=)
                     fn(torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device="meta"), *args,
                        **kwargs)
             finally:
@@ -319,17 +314,33 @@ class RecordContext:
     `device` is where the init is recorded to run (random numbers differ between CPU and CUDA); `dtype` is the
     dtype floating placeholders get (as `Module.to(dtype)` would leave them; the values are computed in the
     default dtype and cast when replayed). `torchinit.materialize(model)` and `fabric.setup(model)` replay.
+    With `replay=True` the modules are materialized at exit (`fabric.init_module()` in a low precision: the
+    constructor ran in eager's dtypes, G8, and each value is computed in fp32 and stored cast, one at a time).
+    With `empty_init=True` the placeholders are real, uninitialized memory on `device` (so `load_state_dict`
+    works): buffers get their values at exit, parameters stay pending until a checkpoint writes them, and the
+    record replays into exactly those nothing wrote (materialize/unwritten.py).
     Nothing is entered before `__enter__`; contexts do not nest.
     """
 
-    def __init__(self, device: torch.device | str, dtype: torch.dtype | None = None):
+    def __init__(self, device: torch.device | str, dtype: torch.dtype | None = None, empty_init: bool = False,
+                 replay: bool = False):
         self.device = torch.device(device)
         self.dtype = dtype
-        self._stack: ExitStack | None = None
+        self.empty_init = bool(empty_init)
+        self.replay = bool(replay) and not self.empty_init
+        self._open: list[tuple[ExitStack, _OpRecorder, _Recorder] | None] = []
+
+    def _plan(self) -> tuple:
+        return self.device, self.dtype, self.empty_init, self.replay
 
     def __enter__(self) -> RecordContext:
-        if self._stack is not None or _RECORDING or _ACTIVE:
-            raise ValueError("A record context cannot be opened inside another init or record context.")
+        if _RECORDING or _ACTIVE:
+            outer = _OPEN[-1] if _RECORDING else None
+            if outer is None or outer._plan() != self._plan():
+                raise ValueError("Cannot open a record context inside another init or record context with a different "
+                                 "plan: close the outer context first, or use the same Fabric for both.")
+            self._open.append(None)  # the outer context does everything
+            return self
         stack = ExitStack()
         try:
             record = Record(self.device, torch.get_default_dtype())
@@ -341,22 +352,34 @@ class RecordContext:
             stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
             stack.enter_context(recorder)
             _RECORDING.append(recorder)
+            _OPEN.append(self)
+            stack.callback(_OPEN.pop)
             stack.callback(_RECORDING.pop)
             stack.enter_context(_record_init_functions())
         except BaseException:
             stack.close()
             raise
-        self._stack, self._recorder, self._modules = stack, recorder, modules
+        self._open.append((stack, recorder, modules))
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        stack, recorder, modules = self._stack, self._recorder, self._modules
-        self._stack = self._recorder = self._modules = None
+        opened = self._open.pop()
+        if opened is None:
+            return False
+        stack, recorder, modules = opened
         stack.close()
         if exc_type is None:
+            from torchinit.init.finish import finish, replay_now
+
             _check_generators(recorder.record)
-            _finish(recorder, list(modules.modules), self.dtype)
+            built = list(modules.modules)
+            finish(recorder, built, self.dtype, self.device if self.empty_init else None, keep_garbage=self.replay)
+            if self.replay:
+                replay_now(recorder.record, built, self.device, self.dtype)
         return False
+
+
+_OPEN: list[RecordContext] = []
 
 
 def _check_generators(record: Record) -> None:
@@ -378,64 +401,6 @@ def _snapshot_rng(recorder: _OpRecorder, device: torch.device) -> None:
         torch.cuda.init()  # `default_generators` is empty until CUDA's lazy init (a fresh process: IndexError)
         index = device.index if device.index is not None else torch.cuda.current_device()
         recorder.generator(torch.cuda.default_generators[index])
-
-
-def _finish(recorder: _OpRecorder, modules: list[nn.Module], dtype: torch.dtype | None) -> None:
-    """Fake tensors on the modules -> meta placeholders bound to their recorded values; record kept."""
-    from torchinit.materialize.replay import Recording
-
-    placeholders: dict[int, torch.Tensor] = {}
-    targets: dict[int, tuple[torch.Tensor, Ref | Alias]] = {}
-    loose: dict[int, tuple[weakref.ref, str]] = {}
-
-    def placeholder(fake: FakeTensor, as_param: bool, cast: bool = True) -> torch.Tensor:
-        made = placeholders.get(id(fake))
-        if made is None:
-            want = dtype if cast and dtype is not None and fake.is_floating_point() else fake.dtype
-            data = torch.empty_strided(fake.shape, fake.stride(), dtype=want, device="meta")
-            made = nn.Parameter(data, fake.requires_grad) if as_param else data.requires_grad_(fake.requires_grad)
-            made.__dict__.update({k: v for k, v in fake.__dict__.items() if k not in _fake_attributes()})
-            placeholders[id(fake)] = made
-            targets[id(made)] = (made, recorder.ref(fake))
-        return made
-
-    for module in modules:
-        for table, as_param in ((module._parameters, True), (module._buffers, False)):
-            for name, t in table.items():
-                if isinstance(t, FakeTensor):
-                    table[name] = placeholder(t, as_param)
-    hidden = []
-    for module in modules:  # containers of references to parameters (RNN's _flat_weights) follow them
-        for name, value in list(vars(module).items()):
-            if isinstance(value, (list, tuple, dict)) and any(isinstance(x, FakeTensor)
-                                                               for x in pytree.tree_leaves(value)):
-                object.__setattr__(module, name, pytree.tree_map(
-                    lambda x: placeholders.get(id(x), x) if isinstance(x, FakeTensor) else x, value))
-                if any(isinstance(x, FakeTensor) for x in pytree.tree_leaves(getattr(module, name))):
-                    hidden.append(f"{type(module).__name__}.{name}")
-    if hidden:
-        warnings.warn(f"Tensors inside containers ({', '.join(hidden[:5])}) were built in record mode and stay fake "
-                      "tensors (no values): register them as buffers, or build them in forward.", stacklevel=3)
-    for module in modules:
-        for name, value in list(vars(module).items()):
-            if isinstance(value, FakeTensor):
-                known = id(value) in placeholders
-                made = placeholder(value, isinstance(value, nn.Parameter), cast=known)
-                object.__setattr__(module, name, made)
-                if not known:  # a plain attribute: set to its value when replayed (Module.to leaves it alone)
-                    loose[id(made)] = (weakref.ref(module), name)
-    recording = Recording(recorder.record, targets, loose)
-    for module in modules:
-        _RECORDS[module] = recording
-    recorder.keep.clear()
-    recorder.node_of.clear()
-
-
-@functools.cache
-def _fake_attributes() -> frozenset[str]:
-    """What FakeTensor keeps in a tensor's __dict__ (its mode, device, memos): not the user's, not copied."""
-    fake = FakeTensorMode().from_tensor(torch.empty(0))
-    return frozenset(vars(fake)) | {"_is_param"}
 
 
 _RECORDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -30,6 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from torchinit.init.construct import _aliased_result, _written_args
 from torchinit.init.context import poison_enabled
+from torchinit.init.finish import own_apply
 from torchinit.init.record import records_of
 from torchinit.materialize import unwritten
 from torchinit.materialize.memory import Need, check_fits, local_nbytes, warm_up, work_nbytes
@@ -143,6 +144,7 @@ def materialize(
         _replay(slots, recorded)
         checked = _copy_checkpoint(slots, checkpoint)
         _move_kept(slots, target, dtype)
+        own_apply(list(module.modules()), dtype if dtype is not None else getattr(recorded, "dtype", None))
         verify(module, ties, check_values=check_values, checked=checked)
     except BaseException:
         for step in reversed(undo):

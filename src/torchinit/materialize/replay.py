@@ -34,8 +34,9 @@ class _Replayer:
     full tensor at a time, plus the live temporaries.
     """
 
-    def __init__(self, record: Record):
+    def __init__(self, record: Record, only: set[int] | None = None):
         self.record = record
+        self.only = only  # the ops to run (a slice); None: all
         self.cursor = 0
         self.env: dict[int, torch.Tensor] = {}
         self.consts: dict[int, torch.Tensor] = {}
@@ -48,6 +49,8 @@ class _Replayer:
         self.held = self.peak = 0  # bytes held now, and at most (targets and constants not counted)
         touches: dict[int, list[int]] = {}
         for i, op in enumerate(record.ops):
+            if only is not None and i not in only:
+                continue
             for memory in op.memory:
                 touches.setdefault(memory, []).append(i)
         for memory, ops in touches.items():
@@ -118,6 +121,9 @@ class _Replayer:
         with self._generators(), _default_dtype(record.default_dtype), torch.no_grad():
             while self.cursor < stop:
                 i, op = self.cursor, ops[self.cursor]
+                if self.only is not None and i not in self.only:
+                    self.cursor += 1
+                    continue
                 for memory in self.freed.intersection(op.memory):  # freed while dead: fresh memory
                     self.freed.discard(memory)
                     size, stride, _, dtype = record.layout[memory]
@@ -157,6 +163,20 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(before)
 
 
+def slice_for(record: Record, memories: set[int]) -> set[int]:
+    """The ops that the final values of `memories` depend on: every op writing memory that a chosen op reads (or
+    a wanted memory), and, once a chosen op draws random numbers, every earlier op that draws (so the draws come
+    out of the generators exactly as in eager). Replaying only these gives the same values as replaying all."""
+    need, chosen, drawing = set(memories), set(), False
+    for i in range(len(record.ops) - 1, -1, -1):
+        op = record.ops[i]
+        if (drawing and op.random) or not need.isdisjoint(op.writes):
+            chosen.add(i)
+            need.update(op.memory)
+            drawing = drawing or op.random
+    return chosen
+
+
 def evaluate(record: Record, ref: Ref | Alias) -> torch.Tensor:
     """The real value of one recorded tensor now (for `.item()` while recording): a replay of the record so far,
     freeing memory as it goes, that keeps a copy of the value when its memory is finished."""
@@ -175,13 +195,16 @@ class Recording:
     """A record bound to its placeholder tensors: the `RecordedInit` that `materialize` replays."""
 
     def __init__(self, record: Record, targets: dict[int, tuple[torch.Tensor, Ref | Alias]],
-                 loose: dict[int, tuple[weakref.ref, str]]):
+                 loose: dict[int, tuple[weakref.ref, str]], sliced: bool = False):
         self.record = record
+        self.sliced = sliced  # empty init: each replay runs only the ops its targets need (the rest was loaded)
         self.targets = targets  # id(placeholder) -> (placeholder, value reference)
         self.loose = loose  # id(placeholder) -> (module, attribute): plain tensor attributes, set when replayed
         self.cache: dict[int, torch.Tensor] = {}  # finished values of targets not asked for yet
         self._replayer: _Replayer | None = None
         self.peak_bytes = 0  # the most memory a replay held besides the targets (a diagnostic)
+        self.final_rng: dict[int, torch.Tensor] | None = None
+        self.dtype: torch.dtype | None = None  # the dtype the record's placeholders were made in
 
     @property
     def alive(self) -> bool:
@@ -203,6 +226,9 @@ class Recording:
     def replay(self, targets: dict[str, torch.Tensor]) -> None:
         """Write the recorded values into `targets` (tensors this record covers, with memory now)."""
         wanted = {id(t): t for t in targets.values() if self.covers(t)}
+        if self.sliced:
+            self._replay_slice(wanted)
+            return
         for key in [k for k in wanted if k in self.cache]:
             _write(wanted.pop(key), self.cache.pop(key))
             del self.targets[key]
@@ -233,9 +259,37 @@ class Recording:
             stop = 1 + max(replayer.finish_at[self.record.memory_of[self.targets[k][1].node]] for k in wanted)
         replayer.run(stop, finished)
         self.peak_bytes = max(self.peak_bytes, replayer.peak)
+        if last:  # where eager leaves the random streams (init_module() moves the user's there)
+            self.final_rng = dict(replayer.rng)
         if not self.targets:  # every value handed out: free the record's memory
             self._replayer = None
             self.cache.clear()
+            self.record.ops.clear()
+            self.record.consts.clear()
+
+
+    def _replay_slice(self, wanted: dict[int, torch.Tensor]) -> None:
+        """Replay only the ops the wanted targets depend on, from the start; the other targets keep their record
+        (something else wrote them, or a later replay will)."""
+        if not wanted:
+            return
+        by_memory: dict[int, list[int]] = {}
+        for key in wanted:
+            by_memory.setdefault(self.record.memory_of[self.targets[key][1].node], []).append(key)
+        replayer = _Replayer(self.record, slice_for(self.record, set(by_memory)))
+
+        def finished(memory: int) -> None:
+            for key in by_memory.get(memory, ()):
+                value = replayer.value(self.targets[key][1])
+                if key in self.loose:
+                    _set_loose(*self.loose.pop(key), self.targets[key][0], value)
+                else:
+                    _write(wanted[key], value)
+                del self.targets[key]
+
+        replayer.run(len(self.record.ops), finished)
+        self.peak_bytes = max(self.peak_bytes, replayer.peak)
+        if not self.targets:
             self.record.ops.clear()
             self.record.consts.clear()
 

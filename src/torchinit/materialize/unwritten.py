@@ -9,7 +9,8 @@ Three guards keep garbage from being used:
    through the materialization chain (its module's init) and named in a warning, or, where no init exists,
    named in one error;
 2. `fabric.setup` materializes, which does the same for a model that was never loaded;
-3. a forward pass through a module whose parameters are still unwritten raises, naming all of them.
+3. a forward pass through a module whose parameters are still unwritten replays their recorded init (a model
+   built by `fabric.init_module(empty_init=True)`), or, without a record, raises, naming all of them.
 """
 
 from __future__ import annotations
@@ -92,13 +93,22 @@ def _after_load(module: nn.Module, incompatible_keys) -> None:
         return
     from torchinit.materialize.materialize import materialize
 
-    names = materialize(module, check_values=False).from_init
+    report = materialize(module, check_values=False)
     warnings.warn(
-        f"load_state_dict did not provide {len(names)} parameter(s) of a model built with empty_init=True; "
-        f"they were initialized with their module's init instead of being left as uninitialized memory: "
-        f"{', '.join(names)}",
+        f"load_state_dict did not provide {len(report.from_record) + len(report.from_init)} parameter(s) of a model "
+        f"built with empty_init=True; instead of being left as uninitialized memory they were initialized: "
+        + _sources(report),
         stacklevel=3,
     )
+
+
+def _sources(report) -> str:
+    said = []
+    if report.from_record:
+        said.append(f"with eager's values (the recorded init replayed): {', '.join(report.from_record)}")
+    if report.from_init:
+        said.append(f"with their module's init: {', '.join(report.from_init)}")
+    return "; ".join(said)
 
 
 def _guard_forward(owner: nn.Module) -> None:
@@ -109,7 +119,19 @@ def _guard_forward(owner: nn.Module) -> None:
             handles[0].remove()
             return
         root = _PENDING[next(p for p in module.parameters(recurse=False) if is_pending(p))].root()
-        names = [name for name, p in root.named_parameters() if is_pending(p)] if root is not None else []
+        pending = [(name, p) for name, p in root.named_parameters() if is_pending(p)] if root is not None else []
+        from torchinit.init.record import records_of  # (init/context.py imports this module)
+
+        recorded = records_of(root) if root is not None else None
+        if pending and recorded is not None and all(recorded.covers(p) for _, p in pending):
+            from torchinit.materialize.materialize import materialize
+
+            report = materialize(root, check_values=False)
+            warnings.warn(f"forward() of {type(module).__name__} found {len(pending)} parameter(s) built with "
+                          "empty_init=True that nothing wrote; they were initialized " + _sources(report), stacklevel=3)
+            handles[0].remove()
+            return
+        names = [name for name, _ in pending]
         raise RuntimeError(
             f"forward() of {type(module).__name__} would read uninitialized memory: these parameters were built "
             f"with empty_init=True and nothing wrote them since: {', '.join(names)}. Load a checkpoint "

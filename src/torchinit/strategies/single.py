@@ -58,7 +58,8 @@ def setup_module(module: nn.Module, plan: Plan, mesh=None) -> tuple[FabricModule
     if empty:
         warnings.warn(
             f"setup() initialized {len(empty)} parameter(s) that empty_init=True left unwritten and no checkpoint "
-            f"filled (their module's init): {', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}",
+            "filled (the recorded init, eager's values; without a record, their module's init): "
+            f"{', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}",
             stacklevel=3,
         )
     forward = ddp.replicate(module, plan) if plan.strategy == "ddp" else module
