@@ -6,12 +6,12 @@ from torchinit.checkpoint.safetensors import CheckpointError
 from torchinit.fabric import Fabric, seed_everything
 from torchinit.init.context import InitContext, nan_poison
 from torchinit.init.record import RecordContext, RecordError
+from torchinit.materialize.inits import register_init
 from torchinit.materialize.materialize import (
     MaterializeError,
     MaterializeReport,
     RecordedInit,
     materialize,
-    register_init,
 )
 from torchinit.materialize.memory import InsufficientMemoryError
 from torchinit.materialize.unwritten import unwritten_names

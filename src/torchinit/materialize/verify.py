@@ -8,6 +8,11 @@ from torch import nn
 from torchinit.materialize import unwritten
 
 
+class MaterializeError(RuntimeError):
+    """The model cannot be materialized as asked; the message names the tensors and modules. Model unchanged."""
+
+
+
 class VerificationError(RuntimeError):
     """A materialized model is not what was asked for; the message names every offending tensor."""
 

@@ -30,7 +30,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakIdKeyDictionary
 
 from torchinit.init.construct import _aliased_result, _written_args
-from torchinit.materialize.materialize import _init_for, _post_order, materialize
+from torchinit.materialize.inits import init_for, post_order
+from torchinit.materialize.materialize import materialize
 from torchinit.materialize.memory import Need, check_fits, work_nbytes
 from torchinit.plan import DeepSpeedStrategy, Plan
 
@@ -147,11 +148,11 @@ def initialize_partitioned(module: nn.Module) -> list[str]:
     """
     names, hopeless = [], []
     with torch.no_grad():
-        for path, owner in _post_order(module):
+        for path, owner in post_order(module):
             own = [(n, p) for n, p in owner.named_parameters(recurse=False)]
             if not any(getattr(p, "_torchinit_unwritten", False) for _, p in own):
                 continue
-            init = _init_for(owner, None)
+            init = init_for(owner, None)
             if init is None:
                 hopeless.append(f"'{path or '<root>'}' ({type(owner).__name__})")
                 continue
@@ -187,7 +188,7 @@ def partition_recorded(module: nn.Module, plan: Plan, options: DeepSpeedStrategy
     """
     deepspeed, cfg, dtype = _deepspeed(), config(plan, options), param_dtype(plan)
     check_fits(partition_needs(module, plan.device, dtype))
-    for _, owner in _post_order(module):
+    for _, owner in post_order(module):
         own = [*owner._parameters.values(), *owner._buffers.values()]
         if any(t is not None and t.device.type == "meta" for t in own):
             materialize(owner, plan.device, dtype, recorded=recorded, check_values=False)
@@ -200,7 +201,7 @@ def partition_needs(module: nn.Module, device: torch.device, dtype: torch.dtype)
     partition buffers); on the way, the module's own tensors in full plus the replay's largest work tensor."""
     world = torch.distributed.get_world_size()
     needs = []
-    for path, owner in _post_order(module):
+    for path, owner in post_order(module):
         params = [p for p in owner._parameters.values() if p is not None and p.device.type == "meta"]
         buffers = [b for b in owner._buffers.values() if b is not None and b.device.type == "meta"]
         if not params and not buffers:

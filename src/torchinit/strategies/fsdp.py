@@ -27,7 +27,8 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 from torch.distributed.tensor import DTensor
 
 from torchinit.init.record import records_of
-from torchinit.materialize.materialize import _post_order, materialize
+from torchinit.materialize.inits import post_order
+from torchinit.materialize.materialize import materialize
 from torchinit.materialize.verify import tie_groups, verify
 from torchinit.plan import FSDPStrategy, Plan, WrapPolicy
 
@@ -91,7 +92,7 @@ def _units(module: nn.Module, wrap: WrapPolicy) -> list[nn.Module]:
             if p is not None:
                 homes.setdefault(id(p), set()).add(id(sub))
     units, split = [], []
-    for path, sub in _post_order(module):
+    for path, sub in post_order(module):
         if sub is module or not chosen(sub):
             continue
         inside = {id(m) for m in sub.modules()}

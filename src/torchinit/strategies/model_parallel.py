@@ -20,7 +20,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from torchinit.init.record import records_of
-from torchinit.materialize.materialize import _post_order, _swap_in, materialize
+from torchinit.materialize.inits import post_order
+from torchinit.materialize.materialize import _swap_in, materialize
 from torchinit.materialize.placement import is_distributed, local_part
 from torchinit.materialize.verify import tie_groups, verify
 from torchinit.plan import ModelParallelStrategy, Plan
@@ -124,7 +125,7 @@ def _materialize_by_module(module: nn.Module, plan: Plan, recorded) -> None:
     """Without a record covering every tensor: children first, each module's meta tensors get full plain
     placeholders, filled from the record where it covers them and else by the module's own init (the same random
     stream on every rank), and each rank keeps its part of every DTensor."""
-    for _, sub in _post_order(module):
+    for _, sub in post_order(module):
         swapped = []
         for table in (sub._parameters, sub._buffers):
             for name, t in table.items():
