@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from dist_workers import _joined, _train_step, tiny_llama
+from dist_workers import _errors, _joined, _train_step, tiny_llama
 from safetensors.torch import save_file
 
 STRATEGIES = {"plain": None, "fsdp": "fsdp", "zero1": "deepspeed_stage_1", "zero2": "deepspeed_stage_2",
@@ -170,17 +170,6 @@ def second_launch(fabric, folder):
         torch.save(refs, folder / "refs-w2.pt")
     out = load_all(fabric, folder, refs | torch.load(folder / "refs-w1.pt", weights_only=True))
     return out | mixed_precision(fabric, folder)
-
-
-def _errors(cases: dict) -> dict:
-    out = {}
-    for name, fn in cases.items():
-        try:
-            fn()
-            out[name] = None
-        except Exception as error:  # noqa: BLE001 - the test asserts on the type and message
-            out[name] = f"{type(error).__name__}: {error}"
-    return out
 
 
 def load_errors(fabric, folder):
