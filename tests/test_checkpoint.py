@@ -395,7 +395,7 @@ def test_fabric_load_checks_what_it_is_given(tmp_path):
 
 def test_dtensors_get_their_part_and_partial_sums_are_refused(tmp_path):
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Partial, Replicate, distribute_tensor
+    from torch.distributed.tensor import DTensor, Partial, Replicate, distribute_tensor
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     torch.distributed.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
@@ -406,7 +406,7 @@ def test_dtensors_get_their_part_and_partial_sums_are_refused(tmp_path):
         path = write("pt", {"w": torch.arange(4.0)}, tmp_path)
         torchinit.load_checkpoint(holder, path)
         assert torch.equal(holder.w.to_local(), torch.arange(4.0)), "replicated: the whole value"
-        holder.w = nn.Parameter(distribute_tensor(torch.zeros(4), mesh, [Partial()]))
+        holder.w = nn.Parameter(DTensor.from_local(torch.zeros(4), mesh, [Partial()]))  # (distribute_tensor: 2.9+)
         with pytest.raises(torchinit.CheckpointError, match=r"pt: cannot load 'w' into a DTensor .*partial sums"):
             torchinit.load_checkpoint(holder, path)
         assert torch.equal(holder.w.to_local(), torch.zeros(4)), "unchanged"

@@ -45,17 +45,25 @@ def local_part(target: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     mesh, local = target.device_mesh, value.detach()
     for d, (placement, index) in enumerate(zip(target.placements, _coordinate(target), strict=True)):
         if isinstance(placement, (Shard, _StridedShard)):  # (`is_shard()` is False for _StridedShard)
-            local = placement._select_split_tensor(local, mesh.size(d), index, with_padding=False, contiguous=False,
-                                                   clone=False)
+            local = _split(placement, local, mesh.size(d), index)
     return local
+
+
+def _split(placement, tensor: torch.Tensor, parts: int, index: int) -> torch.Tensor:
+    """Part `index` of `tensor` split into `parts` as the placement splits it, as a view (no copy)."""
+    if hasattr(placement, "_select_split_tensor"):  # torch >= 2.9
+        return placement._select_split_tensor(tensor, parts, index, with_padding=False, contiguous=False, clone=False)
+    return placement._split_tensor(tensor, parts, with_padding=False, contiguous=False)[0][index]
 
 
 def local_box(target: torch.Tensor) -> tuple[tuple[int, int], ...]:
     """(start, length) per dimension of this rank's part of `target` (a DTensor) in the full tensor: one block
     (a shard of a shard of one dimension, in either order, is one run of rows)."""
-    from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
-
     _check(target)
+    try:
+        from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
+    except ImportError:  # torch < 2.9: read the box off the split itself
+        return _box_from_indices(target)
     coordinate = _coordinate(target)
     shape, offset = _compute_local_shape_and_global_offset(target.shape, target.device_mesh.shape,
                                                            lambda d: coordinate[d], target.placements)
@@ -63,3 +71,21 @@ def local_box(target: torch.Tensor) -> tuple[tuple[int, int], ...]:
         raise ValueError(f"cannot place this rank's part of a DTensor with placements {target.placements}: its "
                          f"local shape {tuple(target.to_local().shape)} is not the computed {tuple(shape)}.")
     return tuple(zip(offset, shape, strict=True))
+
+
+def _box_from_indices(target: torch.Tensor) -> tuple[tuple[int, int], ...]:
+    """`local_box` from `local_part` of index grids, one dimension at a time (expanded views: no memory)."""
+    box = []
+    for d, n in enumerate(target.shape):
+        shape = [1] * len(target.shape)
+        shape[d] = n
+        part = local_part(target, torch.arange(n).view(shape).expand(target.shape))
+        if part.numel() == 0:
+            box.append((0, 0))
+            continue
+        indices = part[tuple(slice(None) if e == d else 0 for e in range(len(target.shape)))]
+        start = int(indices[0]) if len(indices) else 0
+        if not torch.equal(indices, torch.arange(start, start + len(indices))):
+            raise ValueError(f"this rank's part of a DTensor with placements {target.placements} is not one block")
+        box.append((start, len(indices)))
+    return tuple(box)
