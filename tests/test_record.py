@@ -366,16 +366,63 @@ def test_fsdp_empty_init_then_a_partial_checkpoint_keeps_eager_values_for_the_re
 
 
 class Reseeds(nn.Module):
+    """Seeds inside its constructor, draws in a fork of the generator, and draws after it."""
+
     def __init__(self):
         super().__init__()
-        torch.manual_seed(7)  # inside the constructor: a replay from the recorded state would not repeat it
+        self.before = nn.Parameter(torch.randn(3))
+        torch.manual_seed(7)
         self.weight = nn.Parameter(torch.randn(3))
+        with torch.random.fork_rng():
+            torch.manual_seed(11)
+            self.forked = nn.Linear(4, 4)
+        self.after = nn.Linear(4, 4)
+        self.register_buffer("state_sum", torch.get_rng_state().sum().reshape(1).double())
 
 
-def test_reseeding_inside_the_constructor_is_an_error_not_other_values():
+@pytest.mark.parametrize("how", ["record", "init_module", "empty", "empty_partial", "empty_fp32"])
+def test_reseeding_inside_the_constructor_is_replayed_where_it_happened(how):
+    torch.manual_seed(0)
+    want = Reseeds().to(torch.float32 if how == "empty_fp32" else torch.bfloat16)
+    want_rng = torch.get_rng_state()
+    torch.manual_seed(0)
+    if how == "record":
+        with torchinit.RecordContext("cpu", torch.bfloat16):
+            model = Reseeds()
+        torchinit.materialize(model)
+    else:
+        precision = "32-true" if how == "empty_fp32" else "bf16-true"
+        fabric = torchinit.Fabric(accelerator="cpu", precision=precision)
+        with fabric.init_module(empty_init=how != "init_module"):
+            model = Reseeds()
+        if how == "init_module":
+            assert torch.equal(torch.get_rng_state(), want_rng), "the stream ends where eager's does"
+        if how == "empty_partial":
+            model.load_state_dict({"weight": want.weight.detach()}, strict=False)
+        model = fabric.setup(model).module
+    assert_bitwise_equal(model, want)
+
+
+def test_a_generator_moved_in_a_way_the_record_cannot_repeat_is_an_error():
+    class DrawsForReal(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(3))
+            torch.default_generator.manual_seed(5)  # a C method: not seen by the record
+
+    seeding = lambda: [torch.manual_seed, torch.random.manual_seed, torch.get_rng_state, torch.cuda.manual_seed_all]  # noqa: E731
+    before = seeding()  # (torch._dynamo's first import, in the first record of a process, wraps torch.manual_seed)
+    torch.manual_seed(0)
     with pytest.raises(torchinit.RecordError, match="re-seeded"):
         with torchinit.RecordContext("cpu"):
-            Reseeds()
+            DrawsForReal()
+    assert seeding() == before or torch.manual_seed.__wrapped__ is before[0], "the seeding functions are restored"
+    before = seeding()
+    torch.manual_seed(0)
+    with pytest.raises(torchinit.RecordError, match="re-seeded"):
+        with torchinit.RecordContext("cpu"):
+            DrawsForReal()
+    assert all(a is b for a, b in zip(seeding(), before, strict=True))
 
 
 def test_fake_tensors_left_in_containers_are_named():

@@ -31,14 +31,10 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from torchinit.init import record_rng
 from torchinit.init.construct import _written_args
 from torchinit.init.context import _ACTIVE, _Recorder
-from torchinit.init.record_data import Alias, Const, Gen, Op, Record, Ref
-
-
-class RecordError(RuntimeError):
-    """An operation that cannot be recorded for replay; the message names the module and the op."""
-
+from torchinit.init.record_data import Alias, Const, Gen, Op, Record, RecordError, Ref
 
 # ---- 2. the recorder ---------------------------------------------------------------------------------------
 _SKIP = {torch.ops.prim.device.default}
@@ -345,7 +341,7 @@ class RecordContext:
         try:
             record = Record(self.device, torch.get_default_dtype())
             recorder = _OpRecorder(record)
-            _snapshot_rng(recorder, self.device)
+            record_rng.snapshot(recorder, self.device)
             modules = _Recorder(None)
             stack.enter_context(modules)
             stack.enter_context(torch.device(self.device))
@@ -356,6 +352,7 @@ class RecordContext:
             stack.callback(_OPEN.pop)
             stack.callback(_RECORDING.pop)
             stack.enter_context(_record_init_functions())
+            stack.enter_context(record_rng.recording_seeds(recorder))
         except BaseException:
             stack.close()
             raise
@@ -371,7 +368,7 @@ class RecordContext:
         if exc_type is None:
             from torchinit.init.finish import finish, replay_now
 
-            _check_generators(recorder.record)
+            record_rng.check(recorder.record)
             built = list(modules.modules)
             finish(recorder, built, self.dtype, self.device if self.empty_init else None, keep_garbage=self.replay)
             if self.replay:
@@ -380,27 +377,6 @@ class RecordContext:
 
 
 _OPEN: list[RecordContext] = []
-
-
-def _check_generators(record: Record) -> None:
-    """Fake ops draw nothing: a generator whose state moved was re-seeded (or used on real tensors) inside the
-    construction, which a replay from the recorded state would not repeat. Refuse rather than give other values."""
-    for i, state in record.rng.items():
-        if not torch.equal(record.generators[i].get_state(), state):
-            raise RecordError(
-                f"A random generator ({record.generators[i].device} generator {i}) was re-seeded or drew random "
-                "numbers for real while the model was built in record mode, so the record cannot reproduce its "
-                "values. Seed before the context (fabric = Fabric(seed=...), or torch.manual_seed before "
-                "init_module()), not inside the model's constructor."
-            )
-
-
-def _snapshot_rng(recorder: _OpRecorder, device: torch.device) -> None:
-    recorder.generator(torch.default_generator)
-    if device.type == "cuda":
-        torch.cuda.init()  # `default_generators` is empty until CUDA's lazy init (a fresh process: IndexError)
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        recorder.generator(torch.cuda.default_generators[index])
 
 
 _RECORDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -8,6 +8,10 @@ from dataclasses import dataclass, field
 import torch
 
 
+class RecordError(RuntimeError):
+    """An operation that cannot be recorded for replay; the message names the module and the op."""
+
+
 @dataclass(frozen=True)
 class Ref:
     """The output `node` of an earlier op."""

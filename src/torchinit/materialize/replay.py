@@ -191,6 +191,20 @@ def evaluate(record: Record, ref: Ref | Alias) -> torch.Tensor:
     return found[0]
 
 
+def generator_states(record: Record) -> dict[int, torch.Tensor]:
+    """The generators' states after the record so far (for `torch.get_rng_state` while recording): a replay of
+    the ops that draw or re-seed and of those they read."""
+    need, chosen = set(), set()
+    for i in range(len(record.ops) - 1, -1, -1):
+        op = record.ops[i]
+        if op.random or not need.isdisjoint(op.writes):
+            chosen.add(i)
+            need.update(op.memory)
+    replayer = _Replayer(record, only=chosen)
+    replayer.run(len(record.ops), lambda memory: None)
+    return dict(replayer.rng)
+
+
 class Recording:
     """A record bound to its placeholder tensors: the `RecordedInit` that `materialize` replays."""
 
