@@ -29,7 +29,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 from zoo_cases import builder, cases  # noqa: E402
 
-MODES = ["init_module", "record", "empty", "empty_partial", "empty_poison", "lightning", "meta_reset"]
+MODES = ["init_module", "record", "empty", "empty_partial", "empty_poison", "fsdp", "lightning", "meta_reset"]
+FSDP_WORLD, FSDP_RANKS = 4, (0, 3)  # the fsdp mode: these ranks of a 4-rank world, under the fake process group
 DTYPE = torch.bfloat16
 PRECISION = "bf16-true"
 
@@ -38,11 +39,11 @@ def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers())}
 
 
-def _ties(model: nn.Module) -> tuple[list, list]:
+def _ties(model: nn.Module, storage: bool = True) -> tuple[list, list]:
     by_object, by_storage = collections.defaultdict(list), collections.defaultdict(list)
     for name, p in model.named_parameters(remove_duplicate=False):
         by_object[id(p)].append(name)
-        if p.device.type != "meta" and p.numel():
+        if storage and p.device.type != "meta" and p.numel():
             by_storage[(p.untyped_storage().data_ptr(), p.storage_offset())].append(name)
     norm = lambda groups: sorted(sorted(g) for g in groups.values() if len(g) > 1)  # noqa: E731
     return norm(by_object), norm(by_storage)
@@ -91,6 +92,50 @@ def _torchinit(build, mode: str, want: nn.Module) -> nn.Module:
         return fabric.setup(model).module
 
 
+def fsdp_compare(build, want: nn.Module) -> list[str]:
+    """Empty init + FSDP `setup` on ranks of a fake world (collectives do nothing, so each rank's values are its
+    own): each parameter's local shard must equal its rows of eager's (torch.chunk along dim 0, as FSDP2 splits),
+    buffers whole, ties by object."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    import torchinit
+
+    wrong = []
+    for rank in FSDP_RANKS:
+        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=FSDP_WORLD)
+        try:
+            fabric = torchinit.Fabric(accelerator="cpu", strategy="fsdp", devices=FSDP_WORLD, precision=PRECISION)
+            fabric.launch()
+            torch.manual_seed(0)
+            with fabric.init_module(empty_init=True):
+                model = build()
+            model = fabric.setup(model).module
+            wrong += [f"rank {rank}: {w}" for w in _shards_differ(model, want, rank)]
+        finally:
+            dist.destroy_process_group()
+    return wrong
+
+
+def _shards_differ(got: nn.Module, want: nn.Module, rank: int) -> list[str]:
+    a, b = _tensors(got), _tensors(want)
+    wrong = [f"missing {k}" for k in b if k not in a] + [f"extra {k}" for k in a if k not in b]
+    for k in (k for k in b if k in a):
+        value, expected = a[k], b[k].detach()
+        if hasattr(value, "placements"):
+            if [type(p).__name__ for p in value.placements] != ["Shard"] or value.placements[0].dim != 0:
+                wrong.append(f"{k} (placements {value.placements})")
+                continue
+            value = value.to_local()
+            chunks = torch.chunk(expected, FSDP_WORLD, dim=0)
+            expected = chunks[rank] if rank < len(chunks) else expected[:0]
+        if value.dtype != expected.dtype or value.shape != expected.shape or not torch.equal(value, expected):
+            wrong.append(k)
+    if _ties(got, storage=False)[0] != _ties(want, storage=False)[0]:
+        wrong.append("ties by object")
+    return wrong
+
+
 def _peer(build, mode: str) -> nn.Module:
     torch.manual_seed(0)
     if mode == "lightning":
@@ -119,12 +164,15 @@ def run_one(case: str, modes: list[str]) -> dict[str, dict]:
     results = {}
     for mode in modes:
         try:
-            got = _peer(build, mode) if mode in ("lightning", "meta_reset") else _torchinit(build, mode, want)
+            if mode == "fsdp":
+                got, wrong = None, fsdp_compare(build, want)
+            else:
+                got = _peer(build, mode) if mode in ("lightning", "meta_reset") else _torchinit(build, mode, want)
+                wrong = compare(got, want)
         except Exception as exc:  # noqa: BLE001
             first = (str(exc).splitlines() or [""])[0][:200]
             results[mode] = {"status": "error", "cause": f"{type(exc).__name__}: {first}"}
             continue
-        wrong = compare(got, want)
         more = f" (+{len(wrong) - 4})" if len(wrong) > 4 else ""
         results[mode] = {"status": "mismatch", "cause": ", ".join(wrong[:4]) + more} if wrong else {"status": "exact"}
         del got

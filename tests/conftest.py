@@ -24,14 +24,13 @@ def on_fake_ranks(world: int, fn, strategy="fsdp", **fabric_kwargs) -> list:
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from torchinit.launch import Ranks
-
     results = []
     for rank in range(world):
-        fabric = torchinit.Fabric(accelerator="cpu", strategy=strategy, devices=world, **fabric_kwargs)
         dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
         try:
-            fabric._ranks, fabric._launched = Ranks(rank, rank, 0, world), True
+            fabric = torchinit.Fabric(accelerator="cpu", strategy=strategy, devices=world, **fabric_kwargs)
+            fabric.launch()  # joins the group made here
+            assert (fabric.global_rank, fabric.world_size) == (rank, world)
             results.append(fn(fabric))
         finally:
             dist.destroy_process_group()

@@ -371,8 +371,7 @@ def _ds_full(module) -> dict:
 def _joined(fabric, **kwargs):
     """Another Fabric in the processes `fabric` was launched in: a second strategy without a second launch."""
     other = torchinit.Fabric(**{**fabric._args, **kwargs})
-    other.plan = other.plan.for_local_rank(fabric.local_rank)
-    other._ranks, other._launched = fabric._ranks, True
+    other.launch()  # joins the process group already made
     return other
 
 

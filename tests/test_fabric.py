@@ -95,3 +95,19 @@ def test_fp16_mixed_on_cuda_scales_gradients():
     assert isinstance(optimizer, torch.optim.SGD)
     optimizer.step()
     assert fabric._scaler.get_scale() > 0
+
+
+def test_launch_joins_a_process_group_the_caller_made():
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=2, world_size=4)
+    try:
+        fabric = torchinit.Fabric(accelerator="cpu", strategy="ddp", devices=4)
+        fabric.launch()
+        assert (fabric.global_rank, fabric.local_rank, fabric.world_size) == (2, 2, 4)
+        with pytest.raises(ValueError, match="already made has 4 rank.*made for 2"):
+            torchinit.Fabric(accelerator="cpu", strategy="ddp", devices=2).launch()
+    finally:
+        dist.destroy_process_group()
+    assert not dist.is_initialized()

@@ -17,7 +17,6 @@ SCRIPT = textwrap.dedent("""
     from torch import nn
     from torch.testing._internal.distributed.fake_pg import FakeStore
     import torchinit
-    from torchinit.launch import Ranks
 
     class Wide(nn.Module):
         def __init__(self):
@@ -31,9 +30,9 @@ SCRIPT = textwrap.dedent("""
         return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
 
     world, layers = int(sys.argv[1]), int(sys.argv[2])
-    fabric = torchinit.Fabric(accelerator="cpu", strategy="fsdp", devices=world, precision="32-true")
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
-    fabric._ranks, fabric._launched = Ranks(0, 0, 0, world), True
+    fabric = torchinit.Fabric(accelerator="cpu", strategy="fsdp", devices=world, precision="32-true")
+    fabric.launch()  # joins the group made above
     with fabric.init_module(empty_init=True):
         model = nn.Sequential(*[Wide() for _ in range(layers)])
     open("/proc/self/clear_refs", "w").write("5")  # VmHWM starts again from the current RSS

@@ -24,6 +24,7 @@ CASES = [  # the patterns that once failed: .data-swapped biased heads, sinks, R
     "hf:gpt_oss:causal", "hf:llama:causal", "hf:gptj:causal", "hf:apertus:causal",
     "timm:regnety_002", "timm:eva02_tiny_patch14_224", "tv:regnet_y_400mf",
 ]
+FSDP = {"hf:llama:causal", "hf:gpt_oss:causal", "hf:modernbert:masked", "timm:regnety_002"}  # + FSDP on fake ranks
 PYTHON = os.environ.get("TORCHINIT_ZOO_PYTHON", sys.executable)
 
 
@@ -40,6 +41,22 @@ def test_zoo_case(case):
     why = _cannot_import({"hf": "transformers", "timm": "timm", "tv": "torchvision"}[case.split(":")[0]])
     if why:
         pytest.skip(why + " (set TORCHINIT_ZOO_PYTHON to an interpreter where it does)")
-    results = zoo.run_isolated(case, MODES, timeout=240, python=PYTHON)
+    results = zoo.run_isolated(case, MODES + ["fsdp"] * (case in FSDP), timeout=240, python=PYTHON)
     wrong = {mode: r for mode, r in results.items() if r["status"] != "exact"}
     assert not wrong, f"{case}: {wrong}"
+
+
+def test_the_comparisons_name_what_differs():
+    import torch
+    from torch import nn
+
+    def build():
+        return nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
+
+    want = zoo._eager(build)
+    assert zoo.compare(zoo._eager(build), want) == [] and zoo.fsdp_compare(build, want) == []
+    with torch.no_grad():
+        want[0].weight[7, 0] += 1  # row 7: rank 3's shard of 4
+        want[1].bias[0] += 1  # 8 elements: rank 0 holds bias[0:2]
+    assert zoo.compare(zoo._eager(build), want) == ["0.weight", "1.bias"]
+    assert zoo.fsdp_compare(build, want) == ["rank 0: 1.bias", "rank 3: 0.weight"]

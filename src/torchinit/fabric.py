@@ -280,14 +280,19 @@ class Fabric:
     def launch(self, fn: Callable | None = None, *args: Any) -> Any:
         """Start or join the processes, then run `fn(self, *args)` (in every process; rank 0's result returned).
 
-        One process: runs `fn` here. Under torchrun: joins its process group. `launch(fn, ...)`: spawns one
-        process per device (`fn` must be picklable: a module-level function). `launch()` in a script: this
-        process is rank 0 and the script is run again for the other ranks.
+        One process: runs `fn` here. A process group the caller made (`dist.init_process_group` first): used as
+        it is. Under torchrun: joins its process group. `launch(fn, ...)`: spawns one process per device (`fn`
+        must be picklable: a module-level function). `launch()` in a script: this process is rank 0 and the
+        script is run again for the other ranks.
         """
         if not self.plan.multi_process:
             return fn(self, *args) if fn is not None else None
         if self._launched:
             raise RuntimeError("launch() was already called on this Fabric.")
+        ranks = launcher.from_group(self.plan)
+        if ranks is not None:  # a process group made by the caller: used as it is, left to the caller to end
+            self._join(ranks, None)
+            return fn(self, *args) if fn is not None else None
         ranks = launcher.from_environment(self.plan)
         if ranks is not None:
             self._join(ranks, f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}")

@@ -65,14 +65,32 @@ def from_environment(plan: Plan) -> Ranks | None:
     return Ranks(int(os.environ["RANK"]), local, int(os.environ.get("GROUP_RANK", 0)), world_size)
 
 
-def join(plan: Plan, ranks: Ranks, init_method: str) -> Plan:
-    """Set this process's device and join the process group (gloo on CPU, nccl on CUDA); returns its plan."""
+def from_group(plan: Plan) -> Ranks | None:
+    """This process's ranks in a process group the caller already made, else None."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    world_size, rank, per_node = dist.get_world_size(), dist.get_rank(), len(plan.device_indices)
+    if world_size != plan.world_size:
+        raise ValueError(
+            f"The process group already made has {world_size} rank(s), but this Fabric was made for "
+            f"{plan.world_size} (devices={per_node} x num_nodes={plan.num_nodes}). Make them match, or make the "
+            "Fabric before the process group and let launch() start it."
+        )
+    local = int(os.environ.get("LOCAL_RANK", rank % per_node))
+    return Ranks(rank, local, rank // per_node, world_size)
+
+
+def join(plan: Plan, ranks: Ranks, init_method: str | None) -> Plan:
+    """Set this process's device and join the process group (gloo on CPU, nccl on CUDA) unless the caller made
+    it already (`init_method` None); returns its plan."""
     plan = plan.for_local_rank(ranks.local_rank)
     if plan.device.type == "cuda":
         torch.cuda.set_device(plan.device)
     cuda = plan.device.type == "cuda"
     # nccl is told this rank's GPU up front: barriers then know it (no "devices used by this process are
     # currently unknown" warning, no guessing device = rank)
+    if init_method is None:
+        return plan
     dist.init_process_group(
         "nccl" if cuda else "gloo", init_method=init_method, rank=ranks.global_rank, world_size=ranks.world_size,
         timeout=collective_timeout(), **({"device_id": plan.device} if cuda else {}),
