@@ -32,7 +32,7 @@ from torchinit.init.finish import own_apply
 from torchinit.init.record import records_of
 from torchinit.materialize import unwritten
 from torchinit.materialize.inits import InitFn, init_for, run_inits
-from torchinit.materialize.memory import Need, check_fits, local_nbytes, warm_up, work_nbytes
+from torchinit.materialize.memory import Need, check_fits, local_nbytes, release_freed_host_memory, warm_up, work_nbytes
 from torchinit.materialize.verify import MaterializeError, _names, tie_groups, verify
 
 
@@ -298,6 +298,7 @@ def _replay(slots: list[_Slot], recorded: RecordedInit | None) -> None:
     if targets:
         with torch.no_grad():
             recorded.replay(targets)
+        release_freed_host_memory()  # the replay's freed working tensors, out of the C heap
 
 
 def _copy_checkpoint(slots: list[_Slot], checkpoint: Mapping[str, torch.Tensor] | None) -> frozenset[int]:
