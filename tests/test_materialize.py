@@ -384,6 +384,29 @@ def test_verify_names_every_problem_at_once():
     assert "infinite values in parameters: 1.bias" in message
 
 
+def test_verify_checks_float8_parameters_and_dtensor_shards():
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    model = nn.Linear(4, 4).to(torch.float8_e4m3fn)
+    torchinit.verify(model)
+    with torch.no_grad():
+        model.weight.view(torch.uint8)[0, 0] = 0x7F  # e4m3fn's NaN (it has no inf)
+    with pytest.raises(torchinit.VerificationError, match="NaN.*weight"):
+        torchinit.verify(model)
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    try:
+        mesh = init_device_mesh("cpu", (2,))
+        sharded = nn.Linear(4, 4)
+        sharded.weight = nn.Parameter(distribute_tensor(torch.full((4, 4), float("inf")), mesh, [Shard(0)]))
+        with pytest.raises(torchinit.VerificationError, match="infinite values in parameters: weight"):
+            torchinit.verify(sharded)  # a DTensor parameter is a parameter (inf is allowed in buffers only)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_unwritten_empty_init_memory_is_found_by_verify():
     with torchinit.nan_poison(), torchinit.Fabric(accelerator="cpu").init_module(empty_init=True):
         model = nn.Linear(2, 2)

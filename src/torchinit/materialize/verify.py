@@ -71,13 +71,15 @@ def _bad_values(tensors: list[tuple[str, torch.Tensor]], module: nn.Module) -> l
     order: dict[torch.device, list[tuple[str, bool]]] = {}
     with torch.no_grad():
         for name, t in floating:
+            is_param = id(t) in params
             t = getattr(t, "_local_tensor", t)  # a DTensor: check this rank's shard
             if not t.numel():
                 continue
             flat = torch.view_as_real(t.detach()).reshape(-1) if t.is_complex() else t.detach().reshape(-1)
+            flat = flat.half() if flat.itemsize == 1 else flat  # float8s have no aminmax; the cast keeps NaN/inf
             low, high = torch.aminmax(flat)  # NaN propagates into both; +-inf shows in one
             extremes.setdefault(t.device, []).append(torch.stack([low, high]).float())
-            order.setdefault(t.device, []).append((name, id(t) in params))
+            order.setdefault(t.device, []).append((name, is_param))
     not_finite, nan = [], []
     for device, pairs in extremes.items():
         values = torch.stack(pairs).cpu().tolist()
