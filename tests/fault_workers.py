@@ -1,4 +1,4 @@
-"""What the fault tests run in other processes: FSDP saves onto a full disk (through `Fabric.launch`), and
+"""What the fault tests run in other processes: FSDP and DDP saves onto a full disk (through `Fabric.launch`), and
 savers that a test kills with SIGKILL at a random moment (forked from a forkserver that has torch imported, so
 that twenty trials take seconds, not minutes)."""
 
@@ -39,14 +39,19 @@ def fill(folder: Path, leave: int) -> None:
         f.write(bytes(max(0, shutil.disk_usage(folder).free - leave)))
 
 
-def disk_full_dcp(fabric, folder: str) -> dict:
-    """Save, fill the disk to half of what a save takes, save other values: every rank's error, what is left."""
+def _contents(path: Path) -> dict:
+    return {p.name: p.read_bytes() for p in path.iterdir()} if path.is_dir() else {path.name: path.read_bytes()}
+
+
+def disk_full_save(fabric, folder: str) -> dict:
+    """Save, fill the disk to half of what a save takes, save other values: every rank's error, what is left
+    (an FSDP folder, or DDP's one file that rank 0 writes)."""
     folder = Path(folder)
     path = folder / "ckpt"
     state = tiny_state(fabric, 1)
     fabric.save(path, state)
     saved = full(state["model"])
-    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    before = _contents(path)
     size = sum(len(b) for b in before.values())
     fabric.barrier()
     if fabric.global_rank == 0:
@@ -62,7 +67,7 @@ def disk_full_dcp(fabric, folder: str) -> dict:
     dist.all_gather_object(errors, error)
     reloaded = tiny_state(fabric, 3)
     fabric.load(path, reloaded)
-    return {"errors": errors, "intact": {p.name: p.read_bytes() for p in path.iterdir()} == before,
+    return {"errors": errors, "intact": _contents(path) == before,
             "listing": sorted(os.listdir(folder)), "saved": saved, "loaded": full(reloaded["model"]),
             "step": reloaded["step"]}
 

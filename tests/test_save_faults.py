@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fault_workers import disk_full_dcp, fill, full, saver, tiny_state
+from fault_workers import disk_full_save, fill, full, saver, tiny_state
 from safetensors.torch import save_file
 from test_distributed import deadline_guard
 
@@ -72,12 +72,15 @@ def test_disk_full_during_a_one_file_save_loses_nothing(suffix, small_disk):
     assert all(torch.equal(v, values[k]) for k, v in full(again["model"]).items())
 
 
-def test_disk_full_during_a_dcp_folder_save_loses_nothing(small_disk):
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_disk_full_during_a_two_rank_save_loses_nothing(strategy, small_disk):
     with deadline_guard():
-        fabric = torchinit.Fabric(accelerator="cpu", strategy="fsdp", devices=2, precision="32-true")
-        result = fabric.launch(disk_full_dcp, str(small_disk))
-    for message in result["errors"]:  # every rank raises the clear error; none hangs
+        fabric = torchinit.Fabric(accelerator="cpu", strategy=strategy, devices=2, precision="32-true")
+        result = fabric.launch(disk_full_save, str(small_disk))
+    for message in result["errors"]:  # every rank raises the clear error; none hangs (DDP: rank 0's, shared)
         assert_disk_full_error(message.removeprefix("OSError: [Errno 28] "), small_disk / "ckpt")
+    if strategy == "ddp":
+        assert result["errors"][1].startswith(f"CheckpointError: {small_disk / 'ckpt'}: rank 0 could not save it")
     assert result["intact"], "the previous folder is byte for byte as it was"
     assert result["listing"] == ["ckpt", "filler"], "no temporary folder left"
     assert result["step"] == 1 and all(torch.equal(v, result["saved"][k]) for k, v in result["loaded"].items())

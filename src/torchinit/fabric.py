@@ -15,6 +15,7 @@ from torch import nn
 
 from torchinit import launch as launcher
 from torchinit.checkpoint import export, restore, sharded
+from torchinit.checkpoint.header import CheckpointError
 from torchinit.checkpoint.load import load_checkpoint
 from torchinit.checkpoint.save import save_state
 from torchinit.init.context import InitContext
@@ -206,9 +207,27 @@ class Fabric:
         if self.plan.strategy == "deepspeed":
             sharded.save_deepspeed(path, state, self._engine)
             return
+        self._on_rank_zero(lambda: save_state(path, state), f"{os.fspath(path)}: rank 0 could not save it")
+
+    def _on_rank_zero(self, work: Callable[[], None], failed: str) -> None:
+        """`work` on rank 0 while the others wait; its outcome is shared, so when it raises every rank raises
+        (rank 0 its own error, the others `failed` and the cause) instead of waiting at a barrier it never
+        reaches."""
+        if self.world_size == 1:
+            work()
+            return
+        error: BaseException | None = None
         if self.is_global_zero:
-            save_state(path, state)
-        self.barrier()
+            try:
+                work()
+            except Exception as caught:  # noqa: BLE001 (re-raised below, after the others are told)
+                error = caught
+        outcome = [None if error is None else f"{type(error).__name__}: {error}"]
+        dist.broadcast_object_list(outcome, src=0)
+        if error is not None:
+            raise error
+        if outcome[0] is not None:
+            raise CheckpointError(f"{failed} ({outcome[0]}).")
 
     def load(self, path: str | os.PathLike, state: dict[str, Any] | None = None, strict: bool = True,
              allow_nonfinite: bool = False) -> dict:
