@@ -4,7 +4,7 @@ import importlib.util
 
 import pytest
 import torch
-from dist_workers import (
+from ds_workers import (
     PostInit,
     deepspeed_budget,
     deepspeed_errors,

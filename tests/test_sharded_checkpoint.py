@@ -5,7 +5,8 @@ import importlib.util
 
 import pytest
 import torch
-from dist_workers import deepspeed_checkpoint, fsdp_checkpoint, fsdp_reload, tiny_llama
+from dist_workers import fsdp_checkpoint, fsdp_reload, tiny_llama
+from ds_workers import deepspeed_checkpoint
 from test_distributed import deadline, deadline_guard  # noqa: F401  (the hang guard, also for fixtures)
 
 import torchinit
