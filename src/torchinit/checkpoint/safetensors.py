@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from torchinit.checkpoint.header import DTYPES, CheckpointError, Entry, read_header, stamp_of
+from torchinit.threads import one_intraop_thread
 
 try:
     import numpy as np
@@ -184,7 +185,7 @@ class _Copier:
         pass
 
     def send(self, k: int, slot: torch.Tensor, batch: list[_Piece]) -> None:
-        with _one_thread():
+        with one_intraop_thread():  # the reader threads keep the other cores busy
             self._send(batch, slot)
 
     def _send(self, batch: list[_Piece], slot: torch.Tensor) -> None:
@@ -211,22 +212,6 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     if device not in _SIDE_STREAMS:
         _SIDE_STREAMS[device] = torch.cuda.Stream(device)
     return _SIDE_STREAMS[device]
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """The CPU casts run on one intra-op thread: the reader threads keep the other cores busy, and on 2 cores an
-    OpenMP team whose second thread waits for a core doubled the cast's CPU time (measured: load_bench.py
-    --file-precision 32-true). torch.set_num_threads changes this thread's OpenMP team size and the default for
-    threads not yet started; it is restored after each batch."""
-    before = torch.get_num_threads()
-    if before > 1:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if before > 1:
-            torch.set_num_threads(before)
 
 
 class _CudaCopier(_Copier):
