@@ -122,7 +122,7 @@ def _run_case(case: str, size: str, device: str, precision: str, repeat: int, wo
     probe = Probe(target)
     with probe.timed():
         built = build()
-    first = probe.seconds
+    first, first_peak = probe.seconds, probe.result()["rss_mib"]  # a process building its model: the first build
     after_mib = max(0, psutil.Process().memory_info().rss - probe.rss_base) / 2**20  # the first build, still held
     tensors = [built] if isinstance(built, torch.Tensor) else [*built.parameters(), *built.buffers()]
     model_mib = sum(t.numel() * t.element_size() for t in tensors) / 2**20
@@ -138,6 +138,7 @@ def _run_case(case: str, size: str, device: str, precision: str, repeat: int, wo
     result = probe.result()
     result["first"], result["runs"] = first, len(probe.times)
     result["after_mib"], result["model_mib"] = after_mib, model_mib
+    result["rss_mib"] = first_peak  # (later builds reuse what glibc kept of the freed model, or fragment it)
     result["checksum"] = checksum(built) if CASES[case].compare else None
     if case == "eager":  # what torchinit-load loads
         torch.save(built.state_dict(), checkpoint)
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['rss_mib'] / r['model_mib']:.2f}x", f"{r['after_mib'] / r['model_mib']:.2f}x"]
         ratios = [_ratio(r["seconds"], naive), _ratio(r["seconds"], results.get(CASES[name].floor))]
         print(_format_row([CASES[name].label, *times, *memory, device_mib, *ratios, _verdict(r, reference)]))
-    print("RSS columns: host memory above the process's baseline (peak: over every run; after: right after the "
+    print("RSS columns: host memory above the process's baseline (peak: during the first build; after: right after the "
           "first build, the model still held), counted after the imports (fake tensors import torch._dynamo "
           "once per process: ~75-100 MiB, not counted). Timings on a busy machine are noisy.")
     for note in notes:
