@@ -23,7 +23,8 @@ from test_distributed import deadline_guard
 
 import torchinit
 from torchinit.checkpoint import safetensors as reader
-from torchinit.checkpoint.formats import dcp_metadata, open_checkpoint, read_dcp
+from torchinit.checkpoint.dcp import dcp_metadata, read_dcp
+from torchinit.checkpoint.formats import open_checkpoint
 from torchinit.checkpoint.load import load_into
 from torchinit.materialize import unwritten
 from torchinit.models import Llama, config_for

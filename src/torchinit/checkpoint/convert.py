@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchinit.checkpoint.formats import Checkpoint, DcpEntry
+from torchinit.checkpoint.dcp import DcpEntry
+from torchinit.checkpoint.formats import Checkpoint
 from torchinit.checkpoint.safetensors import CheckpointError
 
 SEP = "\x00"  # between a parameter's id and a state key in `SavedOptimizer.tensors`
@@ -47,7 +48,7 @@ class SavedOptimizer:
     @classmethod
     def from_dcp(cls, path: Path, name: str, metadata: Any, paths: dict[str, tuple]) -> SavedOptimizer:
         """The optimizer entry `name` of a DCP folder (keyed by parameter name)."""
-        from torchinit.checkpoint.formats import read_dcp
+        from torchinit.checkpoint.dcp import read_dcp
 
         tensors, hyper = {}, {}
         for key, where in paths.items():

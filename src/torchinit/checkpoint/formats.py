@@ -13,30 +13,19 @@ import itertools
 import json
 import math
 import pickle
-import warnings
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from torchinit.checkpoint import safetensors
+from torchinit.checkpoint.dcp import DcpEntry, dcp_metadata, dcp_paths, read_dcp
 from torchinit.checkpoint.safetensors import CheckpointError, Entry
 from torchinit.materialize.placement import is_distributed, local_box
 
 NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module")
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
-
-
-@dataclass(frozen=True)
-class DcpEntry:
-    """A tensor in a DCP folder: read with `dcp.load`, which fetches only the chunks a destination overlaps."""
-
-    folder: Path
-    key: str  # the flattened key in the folder's metadata
-    dtype: torch.dtype
-    shape: tuple[int, ...]
 
 
 class Checkpoint(Mapping):
@@ -300,29 +289,6 @@ def _open_index(index: Path, select: str | None, mmap: bool) -> Checkpoint:
     return Checkpoint(index, entries, files, {})
 
 
-def dcp_metadata(path: Path) -> Any:
-    """A DCP folder's `Metadata`, after checking that every file it names is there."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    try:
-        metadata = FileSystemReader(path).read_metadata()
-    except Exception as error:  # a pickle of torch classes: any error means "not readable"
-        raise CheckpointError(f"{path}: a torch.distributed.checkpoint folder whose .metadata cannot be read "
-                              f"({type(error).__name__}: {error}); the save did not finish or the folder is damaged."
-                              ) from None
-    files = sorted({info.relative_path for info in metadata.storage_data.values()})
-    missing = [name for name in files if not (path / name).is_file()]
-    if missing:
-        raise CheckpointError(f"{path}: its .metadata names file(s) that are not in the folder: {', '.join(missing)}.")
-    return metadata
-
-
-def dcp_paths(metadata: Any) -> dict[str, tuple]:
-    """Flattened key -> its path in the saved (nested) state: ("model", "layers.0.weight"), ("step",)."""
-    nested = metadata.planner_data if isinstance(metadata.planner_data, dict) else {}
-    return {key: tuple(nested.get(key, (key,))) for key in metadata.state_dict_metadata}
-
-
 def _open_dcp(path: Path, select: str | None) -> Checkpoint:
     """The tensors of a DCP folder, found as in a torch pickle: all of a flat state, one nested entry picked with
     `select`, or the first of NESTED_KEYS that holds only tensors (`fabric.save` puts a module under its key)."""
@@ -351,29 +317,6 @@ def _open_dcp(path: Path, select: str | None) -> Checkpoint:
     files = sorted({path / info.relative_path for info in metadata.storage_data.values()})
     nested = {"entries": ", ".join(tops)} if any(len(p) > 1 for p in paths.values()) else {}
     return Checkpoint(path, entries, files, {"format": "torch.distributed.checkpoint", **nested})
-
-
-def read_dcp(folder: Path, targets: dict[str, Any]) -> None:
-    """`dcp.load` into `targets` in place, in this process alone: no collectives, so ranks need not call it
-    together; each one reads only the saved chunks that overlap its own tensors (its shards, for DTensors)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(targets, storage_reader=dcp.FileSystemReader(folder), no_dist=True)
-    except CheckpointException as error:
-        raise CheckpointError(f"{folder}: reading the torch.distributed.checkpoint failed: {dcp_failures(error)}"
-                              ) from None
-
-
-def dcp_failures(error: BaseException) -> str:
-    """What failed on which rank, from DCP's exception (whose message is every rank's whole traceback)."""
-    failures = getattr(error, "failures", None)
-    if not failures:
-        return str(error)
-    return "; ".join(f"rank {rank}: {type(exc).__name__}: {exc}" for rank, (exc, _) in sorted(failures.items()))
 
 
 def _open_torch(path: Path, select: str | None, mmap: bool) -> Checkpoint:

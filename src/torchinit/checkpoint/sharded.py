@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from torchinit.checkpoint.formats import dcp_failures, dcp_metadata, dcp_paths, open_checkpoint
+from torchinit.checkpoint.dcp import dcp_failures, dcp_metadata, dcp_paths
+from torchinit.checkpoint.formats import open_checkpoint
 from torchinit.checkpoint.load import load_into, match
 from torchinit.checkpoint.safetensors import CheckpointError
 from torchinit.checkpoint.save import exchange, fsync_folder, save_failure
@@ -78,7 +79,7 @@ def load_fsdp(path: str | os.PathLike, state: dict[str, Any], strict: bool, devi
     its shards. Everything is checked before anything changes. Returns the values not in `state`."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-    from torchinit.checkpoint.formats import read_dcp
+    from torchinit.checkpoint.dcp import read_dcp
 
     path = Path(path)
     if not (path / ".metadata").is_file():
