@@ -51,6 +51,11 @@ def test_bf16_parameters_get_the_saved_fp32_masters(converted, target):
     assert converted["pairs"][key] == [], f"differs in {converted['pairs'][key][:5]}"
 
 
+def test_load_raw_of_an_fp32_file_gives_deepspeed_its_fp32_masters(converted):
+    key = ("masters.safetensors", "w2-zero2-bf16-load_raw")
+    assert converted["pairs"][key] == [], f"differs in {converted['pairs'][key][:5]}"
+
+
 def test_what_cannot_be_carried_is_an_error_that_changes_nothing(converted):
     zero2, plain = converted["errors"]["zero2"], converted["errors"]["plain"]
     for errors in (zero2, plain):

@@ -265,8 +265,8 @@ class Fabric:
 
         Sharded modules read only their part: FSDP shards their rows (DTensor shards, from DCP), ZeRO-3 ranks
         their partition's elements; no gather, no broadcast. Under DeepSpeed the optimizer's fp32 master
-        weights are refreshed from the loaded values. NaN / +-inf values are an error naming the file and keys
-        unless `allow_nonfinite`."""
+        weights take the file's values (an fp32 file is not rounded through the bf16 parameters). NaN / +-inf
+        values are an error naming the file and keys unless `allow_nonfinite`."""
         if isinstance(obj, torch.optim.Optimizer):
             obj.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             return None
@@ -274,14 +274,11 @@ class Fabric:
             raise TypeError(f"fabric.load_raw loads into a module or a torch optimizer, not a {type(obj).__name__}"
                             " (under DeepSpeed the optimizer state loads with fabric.load).")
         module = obj.module if isinstance(obj, single.FabricModule) else obj
-        dtype = ds.param_dtype(self.plan) if self.plan.strategy == "deepspeed" else self.plan.param_dtype
-        report = load_checkpoint(module, path, strict=strict, device=self.device, dtype=dtype,
-                                 allow_nonfinite=allow_nonfinite)
-        if self.plan.strategy != "deepspeed":
-            return report
-        if self._engine is not None:
-            self._engine.weights_loaded()
-        return report
+        if self.plan.strategy == "deepspeed":
+            return restore.load_module(path, module, strict, self.device, ds.param_dtype(self.plan), self._engine,
+                                       allow_nonfinite)
+        return load_checkpoint(module, path, strict=strict, device=self.device, dtype=self.plan.param_dtype,
+                               allow_nonfinite=allow_nonfinite)
 
     # ---- run -------------------------------------------------------------------------------------
     def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:

@@ -24,7 +24,7 @@ from torchinit.checkpoint import sharded, zero
 from torchinit.checkpoint.convert import SavedOptimizer, param_groups, restore_flat, restore_fsdp, restore_plain
 from torchinit.checkpoint.dcp import dcp_metadata, dcp_paths
 from torchinit.checkpoint.formats import Checkpoint, open_checkpoint
-from torchinit.checkpoint.load import load_into, match
+from torchinit.checkpoint.load import LoadReport, load_into, match
 from torchinit.checkpoint.safetensors import CheckpointError
 from torchinit.strategies import deepspeed as ds
 
@@ -90,6 +90,19 @@ def _restorer(path: Path, key: str, optimizer: Any, modules: dict[str, nn.Module
     saved.resolve(param_groups(optimizer, owner))
     restore = restore_fsdp if target == "fsdp" else restore_plain
     return lambda: restore(optimizer, owner, saved)
+
+
+def load_module(path: str | os.PathLike, module: nn.Module, strict: bool, device: torch.device,
+                dtype: torch.dtype | None, engine: ds.Engine | None, allow_nonfinite: bool = False) -> LoadReport:
+    """`fabric.load_raw` of one module under DeepSpeed: the values into the (partitioned) parameters, then the
+    optimizer's fp32 master copies straight from the file, so an fp32 checkpoint is not rounded through bf16."""
+    checkpoint = open_checkpoint(path)
+    names, _ = match(module, checkpoint, strict=strict)
+    report = load_into(module, checkpoint, strict=strict, device=device, dtype=dtype, allow_nonfinite=allow_nonfinite)
+    if engine is not None:
+        engine.weights_loaded()
+        _load_masters(engine, checkpoint.renamed(names))
+    return report
 
 
 def _load_masters(engine: ds.Engine, checkpoint: Checkpoint) -> None:
