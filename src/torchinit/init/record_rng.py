@@ -71,19 +71,14 @@ def _setter(fn: Callable, recorder) -> Callable:
     def wrapper(*args, **kwargs):
         if recorder.paused:
             return fn(*args, **kwargs)
-        generators = recorder.record.generators
-        recorder.paused = True
-        try:
-            with unset_fake_temporarily():
-                before = [g.get_state() for g in generators]
-                result = fn(*args, **kwargs)
-                after = [g.get_state() for g in generators]
-                moved = [(i, state) for i, state in enumerate(after) if not torch.equal(state, before[i])]
-                for i, _ in moved:
-                    generators[i].set_state(before[i])
-                ops = [(recorder.generator(generators[i]), recorder.constant(state)) for i, state in moved]
-        finally:
-            recorder.paused = False
+        with _for_real(recorder) as generators:
+            before = [g.get_state() for g in generators]
+            result = fn(*args, **kwargs)
+            after = [g.get_state() for g in generators]
+            moved = [(i, state) for i, state in enumerate(after) if not torch.equal(state, before[i])]
+            for i, _ in moved:
+                generators[i].set_state(before[i])
+            ops = [(recorder.generator(generators[i]), recorder.constant(state)) for i, state in moved]
         for gen, const in ops:
             recorder.touched = set()
             recorder.add(set_state, (gen, const), {}, None)
@@ -97,22 +92,28 @@ def _getter(fn: Callable, recorder) -> Callable:
     def wrapper(*args, **kwargs):
         if recorder.paused:
             return fn(*args, **kwargs)
-        generators = recorder.record.generators
-        recorder.paused = True
-        try:
-            with unset_fake_temporarily():
-                real = [g.get_state() for g in generators]
-                for i, state in states_now(recorder.record).items():
-                    generators[i].set_state(state)
-                try:
-                    return fn(*args, **kwargs)
-                finally:
-                    for g, state in zip(generators, real, strict=True):
-                        g.set_state(state)
-        finally:
-            recorder.paused = False
+        with _for_real(recorder) as generators:
+            real = [g.get_state() for g in generators]
+            for i, state in states_now(recorder.record).items():
+                generators[i].set_state(state)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                for g, state in zip(generators, real, strict=True):
+                    g.set_state(state)
 
     return wrapper
+
+
+@contextlib.contextmanager
+def _for_real(recorder) -> Iterator[list[torch.Generator]]:
+    """The seeding function itself runs on real tensors, unrecorded; yields the recorded generators."""
+    recorder.paused = True
+    try:
+        with unset_fake_temporarily():
+            yield recorder.record.generators
+    finally:
+        recorder.paused = False
 
 
 def states_now(record: Record) -> dict[int, torch.Tensor]:
