@@ -81,3 +81,33 @@ def test_a_value_eager_leaves_uninitialized_is_not_replayed_but_named():
         torchinit.materialize(model)
     model.load_state_dict({"garbage": torch.ones(3)}, strict=False)
     assert torch.equal(model.fine, torch.zeros(2)) and torch.equal(model.garbage, torch.ones(3))
+
+
+class UninitializedBuffers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.register_buffer("partly", torch.empty(4))  # only half of it written: eager leaves garbage too
+        self.partly[:2] = 1.0
+        self.register_buffer("never", torch.empty(3), persistent=False)
+
+    def forward(self, x):
+        return self.lin(x) + self.partly.sum() + self.never.sum()
+
+
+def test_a_buffer_eager_leaves_uninitialized_is_named_not_kept():
+    """Without poison, empty init knows these buffers hold uninitialized memory: forward, setup and a load that
+    misses them name them (the model unchanged); a checkpoint that holds the persistent one fills it."""
+    fabric = torchinit.Fabric(precision="bf16-true")
+    with fabric.init_module(empty_init=True):
+        model = UninitializedBuffers()
+    assert set(torchinit.unwritten_names(model)) == {"lin.weight", "lin.bias", "partly", "never"}
+    with pytest.raises(RuntimeError, match="would read uninitialized memory.*partly, never"):
+        model(torch.ones(4, dtype=torch.bfloat16))
+    with pytest.raises(torchinit.MaterializeError, match=r"'<root>' \(UninitializedBuffers: partly, never\)"):
+        fabric.setup(model)
+    assert set(torchinit.unwritten_names(model)) == {"lin.weight", "lin.bias", "partly", "never"}
+    with pytest.raises(torchinit.MaterializeError, match=r"\(UninitializedBuffers: never\)"):
+        model.load_state_dict({"partly": torch.ones(4)}, strict=False)  # what it misses has no source
+    assert torch.equal(model.partly, torch.ones(4, dtype=torch.bfloat16))
+    assert set(torchinit.unwritten_names(model)) == {"lin.weight", "lin.bias", "never"}

@@ -35,6 +35,11 @@ _OVERWRITES = {
 # Ops whose result is uninitialized memory: no shadow to compute, and "unwritten" until something writes it.
 _UNINITIALIZED = {aten.empty, aten.empty_strided, aten.empty_like, aten.new_empty, aten.new_empty_strided}
 
+# Ops that read only their tensor arguments' shape, dtype and device: their result is not computed from the values
+# (zeros_like of unwritten memory is zeros).
+METADATA_ONLY = {aten.zeros_like, aten.ones_like, aten.full_like, aten.rand_like, aten.randn_like, aten.randint_like,
+                 aten.new_zeros, aten.new_ones, aten.new_full}
+
 SHADOW_BUDGET_BYTES = 64 * 2**20
 
 
@@ -168,7 +173,7 @@ class ConstructionMode(TorchDispatchMode):
 
         packet = func.overloadpacket
         written_ids = {id(t) for t in written.values()}
-        reads_unwritten = self.skip_param_writes and any(  # what is computed from garbage is garbage (G9)
+        reads_unwritten = self.skip_param_writes and packet not in METADATA_ONLY and any(  # garbage in, garbage out
             id(_storage(x)) in self.unwritten for x in leaves if id(x) not in written_ids or packet not in _OVERWRITES
         )
         if self.promote and any(self._promoted(t) is not None for t in leaves):

@@ -25,6 +25,7 @@ from torch.nn.modules import module as module_hooks
 
 from torchinit.init.construct import ConstructionMode
 from torchinit.materialize import unwritten
+from torchinit.plan import module_dtype
 
 _POISON = contextvars.ContextVar("torchinit_nan_poison", default=os.environ.get("TORCHINIT_NAN_POISON") == "1")
 _ACTIVE: list[InitContext] = []
@@ -159,6 +160,9 @@ class _Recorder:
         self.modules.add(module)
         if child is not None:
             self.children.add(child)
+            for inner in child.modules():  # a subtree made without registering (copy.deepcopy(layer)) is ours too
+                self.modules.add(inner)
+                self.children.update(inner.children())
 
     def finish(self, dtype: torch.dtype) -> None:
         """Cast what is not yet in `dtype` (as `Module.to(dtype)` does) and hand unwritten params on."""
@@ -166,13 +170,13 @@ class _Recorder:
         with torch.no_grad():
             for module in list(self.modules):
                 for param in module._parameters.values():
-                    if param is not None and param.is_floating_point() and param.dtype != dtype:
+                    if param is not None and module_dtype(param, dtype) != param.dtype:
                         garbage = tracking and self.mode.is_unwritten(param)
                         param.data = param.data.to(dtype)
                         if garbage:  # (an explicit-dtype parameter: the cast copies garbage, it writes nothing)
                             self.mode._remember(self.mode.unwritten, param)
                 for name, buffer in module._buffers.items():
-                    if buffer is not None and buffer.is_floating_point() and buffer.dtype != dtype:
+                    if buffer is not None and module_dtype(buffer, dtype) != buffer.dtype:
                         module._buffers[name] = buffer.to(dtype)
         if self.mode is not None and self.mode.skip_param_writes:
             roots = [m for m in self.modules if m not in self.children]

@@ -22,6 +22,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torchinit.init.context import poison_enabled
 from torchinit.init.record import _RECORDS, Alias, Record, Ref, _OpRecorder
 from torchinit.materialize import unwritten
+from torchinit.plan import module_dtype
 
 
 def finish(recorder: _OpRecorder, modules: list[nn.Module], dtype: torch.dtype | None,
@@ -39,7 +40,7 @@ def finish(recorder: _OpRecorder, modules: list[nn.Module], dtype: torch.dtype |
     def placeholder(fake: FakeTensor, as_param: bool, cast: bool = True) -> torch.Tensor:
         made = placeholders.get(id(fake))
         if made is None:
-            want = dtype if cast and dtype is not None and fake.is_floating_point() else fake.dtype
+            want = module_dtype(fake, dtype if cast else None)
             data = torch.empty_strided(fake.shape, fake.stride(), dtype=want, device=device or "meta")
             if poison and data.is_floating_point():
                 data.fill_(float("nan"))
@@ -47,7 +48,7 @@ def finish(recorder: _OpRecorder, modules: list[nn.Module], dtype: torch.dtype |
             made.__dict__.update({k: v for k, v in fake.__dict__.items() if k not in _fake_attributes()})
             placeholders[id(fake)] = made
             ref = recorder.ref(fake)
-            if keep_garbage or record.memory_of[ref.node] not in record.garbage:
+            if keep_garbage or not fake.numel() or record.memory_of[ref.node] not in record.garbage:
                 targets[id(made)] = (made, ref)
         return made
 
@@ -83,7 +84,9 @@ def finish(recorder: _OpRecorder, modules: list[nn.Module], dtype: torch.dtype |
     recorder.keep.clear()
     recorder.node_of.clear()
     if device is not None:
-        _finish_empty(recording, modules, {id(t) for t in placeholders.values() if isinstance(t, nn.Parameter)})
+        params = {id(t) for t in placeholders.values() if isinstance(t, nn.Parameter)}
+        garbage = {id(t) for t in placeholders.values() if id(t) not in params and id(t) not in targets}
+        _finish_empty(recording, modules, params, garbage)
         own_apply(modules, dtype)
 
 
@@ -101,15 +104,16 @@ def own_apply(modules: list[nn.Module], dtype: torch.dtype | None) -> None:
             module.to(dtype)
 
 
-def _finish_empty(recording, modules: list[nn.Module], params: set[int]) -> None:
+def _finish_empty(recording, modules: list[nn.Module], params: set[int], garbage: set[int]) -> None:
     """Empty init: buffers and plain tensor attributes get their values now (only the ops they depend on run);
-    every parameter placeholder is pending until something writes it."""
+    every parameter placeholder is pending until something writes it, and so is a buffer whose recorded value
+    is uninitialized memory (`garbage`: a checkpoint may fill it; otherwise `setup` names it in an error)."""
     now = {f"buffer{i}": t for i, (t, _) in enumerate(recording.targets.values()) if id(t) not in params}
     if now:
         recording.replay(now)
     children = {id(c) for m in modules for c in m._modules.values() if c is not None}
     roots = [m for m in modules if id(m) not in children]
-    unwritten.track(roots, lambda p: id(p) in params)
+    unwritten.track(roots, lambda t: id(t) in params or id(t) in garbage)
 
 
 @functools.cache

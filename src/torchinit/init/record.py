@@ -34,7 +34,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torchinit.init import record_rng
 from torchinit.init.construct import _written_args
 from torchinit.init.context import _ACTIVE, _Recorder
+from torchinit.init.record_apply import converting_fake_modules, copying_fake_tensors
 from torchinit.init.record_data import Alias, Const, Gen, Op, Record, RecordError, Ref
+from torchinit.init.record_garbage import Garbage
 
 # ---- 2. the recorder ---------------------------------------------------------------------------------------
 _SKIP = {torch.ops.prim.device.default}
@@ -52,6 +54,7 @@ class _OpRecorder(TorchDispatchMode):
         self.first_node: dict[int, int] = {}  # storage key -> first node made on it
         self.const_of: dict[int, int] = {}
         self.touched: set[int] = set()  # memory referenced by the op being encoded
+        self.garbage = Garbage(record.garbage)
         self.paused = False
 
     @classmethod
@@ -128,44 +131,41 @@ class _OpRecorder(TorchDispatchMode):
             nodes.append(node)
         return tuple(nodes)
 
-    def add(self, func: Callable, args: tuple, kwargs: dict, out: Any, overwritten: int | None = None,
+    def add(self, func: Callable, args: tuple, kwargs: dict, out: Any, filled: tuple | None = None,
             written: tuple[torch.Tensor, ...] = ()) -> None:
         """Append an op whose arguments were just encoded (so `touched` holds the memory they reference);
-        `written` are the arguments it writes in place."""
+        `filled` is what `filled()` found for an overwriting op, `written` the arguments it writes in place."""
         outs = self.bind(out)
         reads, self.touched = self.touched, set()
         writes = {self.record.memory_of[n] for n in outs if n is not None}
         writes.update(self.first_node[_storage_key(t)] for t in written if _storage_key(t) in self.first_node)
-        self._track_garbage(func, reads, writes, overwritten)
+        overwritten = self.overwritten(filled)
+        paused, self.paused = self.paused, True  # the masks' own ops are not the model's
+        try:
+            self.garbage.update(func, reads, writes, overwritten, filled)
+        finally:
+            self.paused = paused
         random = torch.Tag.nondeterministic_seeded in getattr(func, "tags", ()) if isinstance(
             func, torch._ops.OpOverload) else getattr(func, "__name__", "") not in _DETERMINISTIC_INIT
         self.record.ops.append(Op(func, args, kwargs, outs, tuple(sorted(reads | writes)), overwritten,
                                   tuple(sorted(writes)), random))
 
-    def _track_garbage(self, func: Callable, reads: set[int], writes: set[int], overwritten: int | None) -> None:
-        """Which memory holds uninitialized values (G9, without poison): made by `empty`, until an op writes it
-        in full from initialized inputs; an op reading such memory passes it on to what it writes."""
-        garbage = self.record.garbage
-        if getattr(func, "overloadpacket", None) in _EMPTY:
-            garbage.update(writes)
-        elif not getattr(func, "is_view", False):
-            tainted = any(m in garbage for m in reads if m != overwritten)
-            for m in writes:
-                if tainted:
-                    garbage.add(m)
-                elif m == overwritten or m not in reads:
-                    garbage.discard(m)
-
-    def overwritten(self, args: tuple) -> int | None:
-        """The memory an overwriting op fills in full: its first argument spans its storage and no other
+    def filled(self, args: tuple) -> tuple[int, FakeTensor] | None:
+        """The memory and view an overwriting op fills without reading: its first argument, when no other
         argument reads that storage."""
         first = args[0] if args else None
-        if not isinstance(first, FakeTensor) or not _spans_storage(first):
+        if not isinstance(first, FakeTensor):
             return None
         key = _storage_key(first)
-        if any(isinstance(x, FakeTensor) and _storage_key(x) == key for x in pytree.tree_leaves(args[1:])):
+        if key not in self.first_node or any(
+                isinstance(x, FakeTensor) and _storage_key(x) == key for x in pytree.tree_leaves(args[1:])):
             return None
-        return self.first_node.get(key)
+        return self.first_node[key], first
+
+    @staticmethod
+    def overwritten(filled: tuple[int, FakeTensor] | None) -> int | None:
+        """The memory an overwriting op fills in full: the filled view spans its storage."""
+        return filled[0] if filled is not None and _spans_storage(filled[1]) else None
 
     # -- dispatch
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -174,7 +174,7 @@ class _OpRecorder(TorchDispatchMode):
             return func(*args, **kwargs)
         if func is torch.ops.aten._local_scalar_dense.default:
             return self.scalar(args[0])
-        overwritten = self.overwritten(args) if func in _OVERWRITERS else None
+        filled = self.filled(args) if func in _OVERWRITERS else None
         self.touched = set()
         enc_args, enc_kwargs = self.encode(args), self.encode(kwargs)
         try:
@@ -187,7 +187,7 @@ class _OpRecorder(TorchDispatchMode):
                 "record: FSDPStrategy(record_init=False) / DeepSpeedStrategy(stage=3, record_init=False) under "
                 "Fabric, or torchinit.InitContext instead of torchinit.RecordContext."
             ) from exc
-        self.add(func, enc_args, enc_kwargs, out, overwritten, tuple(_written_args(func, args, kwargs).values()))
+        self.add(func, enc_args, enc_kwargs, out, filled, tuple(_written_args(func, args, kwargs).values()))
         return out
 
     def through(self, func: Callable, args: tuple, kwargs: dict, failed: Exception) -> Any:
@@ -230,9 +230,9 @@ class _OpRecorder(TorchDispatchMode):
 
     def record_call(self, fn: Callable, tensor: torch.Tensor, args: tuple, kwargs: dict) -> None:
         """One `torch.nn.init` call: each of them writes every element of its tensor."""
-        overwritten = self.overwritten((tensor, *args))
+        filled = self.filled((tensor, *args))
         self.touched = set()
-        self.add(fn, self.encode((tensor, *args)), self.encode(kwargs), None, overwritten, (tensor,))
+        self.add(fn, self.encode((tensor, *args)), self.encode(kwargs), None, filled, (tensor,))
 
 
 _RECORDING: list[_OpRecorder] = []
@@ -253,7 +253,6 @@ _OVERWRITERS = {_aten.normal_.default, _aten.uniform_.default, _aten.fill_.Scala
                 _aten.zero_.default, _aten.random_.default, getattr(_aten.random_, "from"), _aten.random_.to,
                 _aten.exponential_.default, _aten.bernoulli_.float, _aten.log_normal_.default,
                 _aten.cauchy_.default, _aten.geometric_.default, _aten.copy_.default}
-_EMPTY = {_aten.empty, _aten.empty_strided, _aten.empty_like, _aten.new_empty, _aten.new_empty_strided}
 _DETERMINISTIC_INIT = {"constant_", "ones_", "zeros_", "eye_", "dirac_"}  # torch.nn.init functions drawing nothing
 
 
@@ -353,6 +352,8 @@ class RecordContext:
             stack.callback(_RECORDING.pop)
             stack.enter_context(_record_init_functions())
             stack.enter_context(record_rng.recording_seeds(recorder))
+            stack.enter_context(converting_fake_modules())
+            stack.enter_context(copying_fake_tensors())
         except BaseException:
             stack.close()
             raise

@@ -34,6 +34,7 @@ from torchinit.materialize import unwritten
 from torchinit.materialize.inits import InitFn, init_for, run_inits
 from torchinit.materialize.memory import Need, check_fits, local_nbytes, release_freed_host_memory, warm_up, work_nbytes
 from torchinit.materialize.verify import MaterializeError, _names, tie_groups, verify
+from torchinit.plan import module_dtype
 
 
 class RecordedInit(Protocol):
@@ -217,7 +218,7 @@ def _choose_sources(slots, checkpoint, recorded, init_fns) -> None:
 
 # ---- 3. pre-flight -----------------------------------------------------------------------------------
 def _final_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
-    return dtype if dtype is not None and t.is_floating_point() else t.dtype
+    return module_dtype(t, dtype)
 
 
 def _preflight(slots: list[_Slot], device: torch.device | None, dtype: torch.dtype | None) -> None:

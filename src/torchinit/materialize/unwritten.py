@@ -1,4 +1,5 @@
-"""Parameters that empty init left uninitialized, until something writes them (G5).
+"""Parameters (and buffers whose recorded value is uninitialized memory) that empty init left uninitialized,
+until something writes them (G5).
 
 A parameter counts as written once its version counter or its data pointer moved since construction:
 `load_state_dict` copies in place (version), `assign=True` or `.data =` swaps the memory (pointer). Writes
@@ -50,11 +51,12 @@ def is_pending(param: torch.Tensor) -> bool:
 
 
 def track(roots: list[nn.Module], is_unwritten) -> None:
-    """Record every parameter under `roots` for which `is_unwritten(param)` holds, and install the guards."""
+    """Record every parameter and buffer under `roots` for which `is_unwritten(tensor)` holds, and install the
+    guards."""
     for root in roots:
         owners: dict[int, nn.Module] = {}
         for owner_name, owner in root.named_modules(remove_duplicate=True):
-            for local, param in owner.named_parameters(recurse=False):
+            for local, param in _own_tensors(owner):
                 if param.device.type == "meta" or param in _PENDING or not is_unwritten(param):
                     continue
                 name = f"{owner_name}.{local}" if owner_name else local
@@ -69,8 +71,16 @@ def track(roots: list[nn.Module], is_unwritten) -> None:
 
 
 def unwritten_names(module: nn.Module) -> list[str]:
-    """Qualified names (relative to `module`) of parameters that nothing has written yet."""
-    return [name for name, p in module.named_parameters() if is_pending(p)]
+    """Qualified names (relative to `module`) of parameters and buffers that nothing has written yet."""
+    return [name for name, p in _tensors(module) if is_pending(p)]
+
+
+def _own_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+
+
+def _tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [*module.named_parameters(), *module.named_buffers()]
 
 
 def mark_written(param: torch.Tensor) -> None:
@@ -115,11 +125,12 @@ def _guard_forward(owner: nn.Module) -> None:
     handles = []
 
     def check(module: nn.Module, args) -> None:
-        if not any(is_pending(p) for p in module.parameters(recurse=False)):
+        own = [t for _, t in _own_tensors(module) if is_pending(t)]
+        if not own:
             handles[0].remove()
             return
-        root = _PENDING[next(p for p in module.parameters(recurse=False) if is_pending(p))].root()
-        pending = [(name, p) for name, p in root.named_parameters() if is_pending(p)] if root is not None else []
+        root = _PENDING[own[0]].root()
+        pending = [(name, p) for name, p in _tensors(root) if is_pending(p)] if root is not None else []
         from torchinit.init.record import records_of  # (init/context.py imports this module)
 
         recorded = records_of(root) if root is not None else None

@@ -33,7 +33,7 @@ from torchinit.init.construct import _aliased_result, _written_args
 from torchinit.materialize.inits import init_for, post_order
 from torchinit.materialize.materialize import materialize
 from torchinit.materialize.memory import Need, check_fits, work_nbytes
-from torchinit.plan import DeepSpeedStrategy, Plan
+from torchinit.plan import DeepSpeedStrategy, Plan, module_dtype
 
 if TYPE_CHECKING:
     from torchinit.checkpoint.formats import Checkpoint
@@ -206,7 +206,7 @@ def partition_needs(module: nn.Module, device: torch.device, dtype: torch.dtype)
         buffers = [b for b in owner._buffers.values() if b is not None and b.device.type == "meta"]
         if not params and not buffers:
             continue
-        final = [dtype if t.is_floating_point() else t.dtype for t in (*params, *buffers)]
+        final = [module_dtype(t, dtype) for t in (*params, *buffers)]
         full = [t.numel() * d.itemsize for t, d in zip((*params, *buffers), final, strict=True)]
         held = sum(-(-p.numel() // world) * d.itemsize for p, d in zip(params, final, strict=False))
         held += sum(full[len(params):])
