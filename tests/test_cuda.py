@@ -118,3 +118,23 @@ def test_loads_share_one_side_stream_per_gpu(tmp_path):
         model = torch.nn.Linear(4, 4, device="cuda")
         torchinit.load_checkpoint(model, tmp_path / "m.safetensors", device="cuda")
     assert len(reader._SIDE_STREAMS) == 1
+
+
+def test_init_module_on_cuda_peaks_at_the_model_plus_one_fp32_tensor():
+    """The seed's memory claim on the device: bf16-true `init_module()` never holds the model in fp32; at most
+    one tensor at a time is computed in fp32 (issue 12, part 5)."""
+    def build():
+        return torch.nn.Sequential(*[torch.nn.Linear(2048, 2048) for _ in range(6)], torch.nn.LayerNorm(2048))
+
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with torchinit.Fabric(accelerator="cuda", precision="bf16-true").init_module():
+        model = build()
+    torch.cuda.synchronize()
+    tensors = [*model.parameters(), *model.buffers()]
+    size = sum(t.numel() * t.element_size() for t in tensors)
+    largest_fp32 = max(t.numel() for t in tensors) * 4
+    assert all(t.dtype == torch.bfloat16 and t.is_cuda for t in tensors)
+    assert torch.cuda.max_memory_allocated() - base <= size + largest_fp32 + 2**20  # (+ the allocator's rounding)
