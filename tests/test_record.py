@@ -238,17 +238,20 @@ def _is_fake_mode_on() -> bool:
 
 
 def test_global_state_restored_at_exit_and_on_error():
+    from torch._subclasses.fake_tensor import FakeTensor
+
     originals = dict(vars(nn.init))
     state = (torch.get_default_dtype(), torch.get_default_device(), len(_get_current_function_mode_stack()),
-             len(_get_current_dispatch_mode_stack()))
+             len(_get_current_dispatch_mode_stack()), nn.Module._apply, FakeTensor.__dict__.get("__deepcopy__"))
     with pytest.raises(KeyError):
         with torchinit.RecordContext("cpu"):
             nn.Linear(2, 2)
             raise KeyError("user error")
     with torchinit.RecordContext("cpu", torch.bfloat16):
         assert _is_fake_mode_on()
+        assert nn.Module._apply is not state[4] and "__deepcopy__" in FakeTensor.__dict__  # (record_apply.py)
     assert (torch.get_default_dtype(), torch.get_default_device(), len(_get_current_function_mode_stack()),
-            len(_get_current_dispatch_mode_stack())) == state
+            len(_get_current_dispatch_mode_stack()), nn.Module._apply, FakeTensor.__dict__.get("__deepcopy__")) == state
     assert dict(vars(nn.init)) == originals and not _is_fake_mode_on()
 
 

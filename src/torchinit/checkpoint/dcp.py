@@ -67,5 +67,3 @@ def dcp_failures(error: BaseException) -> str:
     if not failures:
         return str(error)
     return "; ".join(f"rank {rank}: {type(exc).__name__}: {exc}" for rank, (exc, _) in sorted(failures.items()))
-
-

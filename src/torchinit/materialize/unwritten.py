@@ -144,7 +144,7 @@ def _guard_forward(owner: nn.Module) -> None:
             return
         names = [name for name, _ in pending]
         raise RuntimeError(
-            f"forward() of {type(module).__name__} would read uninitialized memory: these parameters were built "
+            f"forward() of {type(module).__name__} would read uninitialized memory: these tensors were built "
             f"with empty_init=True and nothing wrote them since: {', '.join(names)}. Load a checkpoint "
             "(model.load_state_dict), or call fabric.setup(model) / torchinit.materialize(model) "
             "to initialize them."
