@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -37,13 +39,34 @@ def on_fake_ranks(world: int, fn, strategy="fsdp", **fabric_kwargs) -> list:
     return results
 
 
+_SEEDING = {module: [name for name in ("manual_seed", "manual_seed_all", "seed", "seed_all", "set_rng_state",
+                                        "set_rng_state_all", "get_rng_state", "get_rng_state_all")
+                      if hasattr(module, name)]
+            for module in (torch, torch.random, torch.cuda, torch.cuda.random)}
+
+
+def _beneath_dynamo(fn):
+    """torch._dynamo's first import (in a process's first record) wraps torch.manual_seed in its `disable`
+    decorator once and for all: compare what is beneath that wrapper (ours would show: they live elsewhere)."""
+    while getattr(fn, "__wrapped__", None) is not None and fn.__code__.co_filename.endswith(
+            os.path.join("torch", "_compile.py")):
+        fn = fn.__wrapped__
+    return fn
+
+
 def global_state() -> tuple:
-    """Everything an init context may touch: default dtype and device, mode stacks, hooks, nn.init."""
+    """Everything an init or record context may touch: default dtype and device, mode stacks, hooks, nn.init,
+    the seeding functions, Module._apply and FakeTensor.__deepcopy__."""
+    from torch._subclasses.fake_tensor import FakeTensor
     from torch.nn.modules import module as m
     from torch.overrides import _get_current_function_mode_stack
     from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
     return (
+        {(module.__name__, name): _beneath_dynamo(getattr(module, name)) for module, names in _SEEDING.items()
+         for name in names},
+        nn.Module._apply,
+        FakeTensor.__dict__.get("__deepcopy__"),
         torch.get_default_dtype(),
         torch.tensor([]).device,
         len(_get_current_function_mode_stack()),
@@ -61,4 +84,5 @@ def no_leaked_global_state():
     before = global_state()
     yield
     assert global_state() == before
-    assert not torchinit.init.context._ACTIVE
+    assert not torchinit.init.context.ACTIVE
+    assert not torchinit.init.record.OPEN and not torchinit.init.record.RECORDING

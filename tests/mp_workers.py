@@ -13,7 +13,7 @@ from torch.distributed.tensor import Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
 import torchinit
-from torchinit.materialize.placement import local_box
+from torchinit.core.placement import local_box
 from torchinit.models.llama import Llama, LlamaConfig, parallelize
 from torchinit.strategies import fsdp, model_parallel, single
 

@@ -168,3 +168,35 @@ def test_user_modes_inside_are_unaffected():
         with Spy():
             torch.ones(2)
     assert seen
+
+
+@pytest.mark.parametrize("kind", ["init", "record"])
+def test_a_second_thread_cannot_open_a_context_while_one_is_open(kind):
+    """The default dtype, device and nn.init are process-global: a context open in one thread refuses another
+    thread's (a clear error, nothing changed), and the other thread may open one once it is closed."""
+    import threading
+
+    def context():
+        if kind == "init":
+            return torchinit.InitContext("cpu", torch.bfloat16)
+        return torchinit.RecordContext("cpu")
+
+    outcome = {}
+
+    def other():
+        try:
+            with context():
+                outcome["opened"] = True
+        except torchinit.UsageError as exc:
+            outcome["error"] = exc
+
+    with context():
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+    assert "another thread" in str(outcome.get("error")) and "opened" not in outcome
+    assert isinstance(outcome["error"], RuntimeError)
+    thread = threading.Thread(target=other)
+    thread.start()
+    thread.join()
+    assert outcome.get("opened") is True

@@ -66,14 +66,14 @@ def test_fsdp_options():
 def test_wrap_policies_and_ties():
     model = tiny_llama()
     blocks = list(model.layers)
-    assert fsdp._units(model, None) == blocks, "default: the blocks of every ModuleList"
-    assert fsdp._units(model, {Block}) == blocks
-    assert fsdp._units(model, lambda m: m is model.norm) == [model.norm]
+    assert fsdp.units(model, None) == blocks, "default: the blocks of every ModuleList"
+    assert fsdp.units(model, {Block}) == blocks
+    assert fsdp.units(model, lambda m: m is model.norm) == [model.norm]
     with pytest.warns(UserWarning, match=r"Not sharding 'embed' \(weight\).*tied"):
-        units = fsdp._units(model, {torch.nn.Embedding, torch.nn.Linear})
+        units = fsdp.units(model, {torch.nn.Embedding, torch.nn.Linear})
     assert model.embed not in units and model.lm_head not in units and model.layers[0].attn.q_proj in units
     with pytest.raises(TypeError, match="module classes"):
-        fsdp._units(model, {"Block"})
+        fsdp.units(model, {"Block"})
 
 
 def test_cpu_offload_needs_a_gpu():

@@ -19,7 +19,7 @@ from mp_workers import (
 from test_distributed import deadline, deadline_guard  # noqa: F401  (the hang guard, also for fixtures)
 
 import torchinit
-from torchinit.materialize.placement import local_box
+from torchinit.core.placement import local_box
 from torchinit.models.llama import Llama
 
 MAKERS = {"llama": lambda: Llama(llama_cfg(True)), "llama_untied": lambda: Llama(llama_cfg(False)),

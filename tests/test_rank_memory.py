@@ -83,8 +83,8 @@ def test_the_budget_and_the_report_count_the_ranks_local_bytes(world):
 
     from tests.conftest import on_fake_ranks
     from torchinit import materialize
-    from torchinit.init.record import records_of
     from torchinit.materialize.memory import Need, budget, local_nbytes, work_nbytes
+    from torchinit.record.recording import records_of
 
     def rank_view(fabric):
         with fabric.init_module(empty_init=True):

@@ -2,26 +2,32 @@
 
 from torchinit.checkpoint.formats import Checkpoint, open_checkpoint
 from torchinit.checkpoint.load import LoadReport, load_checkpoint
-from torchinit.checkpoint.safetensors import CheckpointError
-from torchinit.fabric import Fabric, seed_everything
-from torchinit.init.context import InitContext, nan_poison
-from torchinit.init.record import RecordContext, RecordError
-from torchinit.materialize.inits import register_init
-from torchinit.materialize.materialize import (
+from torchinit.core.errors import (
+    CheckpointError,
+    ConfigurationError,
+    InsufficientMemoryError,
     MaterializeError,
-    MaterializeReport,
-    RecordedInit,
-    materialize,
+    RecordError,
+    TorchinitError,
+    UsageError,
+    VerificationError,
 )
-from torchinit.materialize.memory import InsufficientMemoryError
-from torchinit.materialize.unwritten import unwritten_names
-from torchinit.materialize.verify import VerificationError, tie_groups, verify
+from torchinit.core.flags import nan_poison
+from torchinit.fabric import Fabric, seed_everything
+from torchinit.init.context import InitContext
+from torchinit.init.record import RecordContext
+from torchinit.materialize.inits import register_init
+from torchinit.materialize.materialize import MaterializeReport, materialize
+from torchinit.materialize.verify import tie_groups, verify
 from torchinit.plan import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from torchinit.record.pending import unwritten_names
+from torchinit.record.recording import RecordedInit
 
 __all__ = [
-    "Checkpoint", "CheckpointError", "DeepSpeedStrategy", "FSDPStrategy", "Fabric", "InitContext",
-    "InsufficientMemoryError", "LoadReport", "MaterializeError", "MaterializeReport", "ModelParallelStrategy",
-    "RecordContext", "RecordError", "RecordedInit", "VerificationError", "load_checkpoint", "materialize",
+    "Checkpoint", "CheckpointError", "ConfigurationError", "DeepSpeedStrategy", "FSDPStrategy", "Fabric",
+    "InitContext", "InsufficientMemoryError", "LoadReport", "MaterializeError", "MaterializeReport",
+    "ModelParallelStrategy", "RecordContext", "RecordError", "RecordedInit", "TorchinitError", "UsageError",
+    "VerificationError", "load_checkpoint", "materialize",
     "nan_poison", "open_checkpoint", "register_init", "seed_everything", "tie_groups", "unwritten_names", "verify",
 ]
 __version__ = "0.1.0"

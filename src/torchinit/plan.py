@@ -157,12 +157,6 @@ class Plan:
         return dataclasses.replace(self, device=_device(self.accelerator, self.device_indices[local_rank]))
 
 
-def module_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
-    """The dtype `t` gets from `module.to(dtype)`: floating and complex tensors take `dtype` (torch casts a complex
-    one to a real dtype too, dropping its imaginary part, with its own warning); the others keep theirs."""
-    return dtype if dtype is not None and (t.is_floating_point() or t.is_complex()) else t.dtype
-
-
 def parse_precision(precision: object, accelerator: str) -> str:
     """Canonical precision string; '16-mixed' on CPU becomes 'bf16-mixed' with a warning."""
     name = _PRECISION_ALIASES.get(precision, precision)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from torchinit.core.errors import CheckpointError
+
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -25,10 +27,6 @@ DTYPES = {
 }
 MAX_HEADER = 100_000_000  # the format's own limit on the header's length
 LIMIT = 2**64  # sizes and offsets are unsigned 64-bit integers in the format
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read as what it claims to be; the message names the file and the key."""
 
 
 @dataclass(frozen=True)

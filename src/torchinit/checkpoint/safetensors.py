@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from torchinit.checkpoint.header import DTYPES, CheckpointError, Entry, read_header, stamp_of
-from torchinit.threads import one_intraop_thread
+from torchinit.core.threads import one_intraop_thread
 
 try:
     import numpy as np

@@ -22,23 +22,11 @@ import weakref
 from collections import OrderedDict
 
 import torch
-from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
 
-aten = torch.ops.aten
+from torchinit.core.compat import DispatchMode, tree_leaves, tree_map
+from torchinit.core.ops import METADATA_ONLY, OVERWRITERS, UNINITIALIZED, aliased_result, spans_storage, written_args
 
-# In-place ops that overwrite every element of their target: a shadow for them needs no upcast.
-_OVERWRITES = {
-    aten.uniform_, aten.normal_, aten.fill_, aten.zero_, aten.copy_, aten.random_, aten.exponential_,
-    aten.cauchy_, aten.log_normal_, aten.geometric_, aten.bernoulli_,
-}
-# Ops whose result is uninitialized memory: no shadow to compute, and "unwritten" until something writes it.
-_UNINITIALIZED = {aten.empty, aten.empty_strided, aten.empty_like, aten.new_empty, aten.new_empty_strided}
-
-# Ops that read only their tensor arguments' shape, dtype and device: their result is not computed from the values
-# (zeros_like of unwritten memory is zeros).
-METADATA_ONLY = {aten.zeros_like, aten.ones_like, aten.full_like, aten.rand_like, aten.randn_like, aten.randint_like,
-                 aten.new_zeros, aten.new_ones, aten.new_full}
+__all__ = ["ConstructionMode"]
 
 SHADOW_BUDGET_BYTES = 64 * 2**20
 
@@ -58,11 +46,7 @@ def _storage(t: torch.Tensor) -> torch.UntypedStorage:
     return t.untyped_storage()
 
 
-def _covers_storage(t: torch.Tensor) -> bool:
-    return t.is_contiguous() and t.numel() * t.element_size() == _storage(t).nbytes()
-
-
-class ConstructionMode(TorchDispatchMode):
+class ConstructionMode(DispatchMode):
     """Promote default-dtype floating tensors to `target` with exact `compute` shadows; optionally skip init."""
 
     def __init__(self, compute: torch.dtype, target: torch.dtype, skip_param_writes: bool, poison: bool):
@@ -76,12 +60,6 @@ class ConstructionMode(TorchDispatchMode):
         self._entries: dict[int, _Entry] = {}
         self._warm: OrderedDict[int, int] = OrderedDict()  # key -> shadow bytes, least recently used first
         self._warm_bytes = 0
-
-    @classmethod
-    def _should_skip_dynamo(cls) -> bool:
-        """Keep torch from wrapping our handler in `torch._disable_dynamo`: that wrapper imports all of
-        torch._dynamo (sympy included) on first use, about 1 s and 75 MiB, for a mode that is never compiled."""
-        return False
 
     # ---- bookkeeping -------------------------------------------------------------------------------
     def close(self) -> None:
@@ -157,45 +135,45 @@ class ConstructionMode(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         schema = func._schema
-        leaves = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+        leaves = [x for x in tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
         if not leaves:
             return self._factory(func, args, kwargs)
         if schema.returns and all(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns):
             return func(*args, **kwargs)  # views share storage, so they share the shadow: nothing to compute
 
-        written = _written_args(func, args, kwargs)
+        written = written_args(func, args, kwargs)
         if self.skip_param_writes and written and all(
             id(_storage(t)) in self.param_storages for t in written.values()
         ):
             for t in written.values():  # empty init: parameter memory untouched, so its value is not eager's
                 self.skipped(t)
-            return _aliased_result(func, args, kwargs)
+            return aliased_result(func, args, kwargs)
 
         packet = func.overloadpacket
         written_ids = {id(t) for t in written.values()}
         reads_unwritten = self.skip_param_writes and packet not in METADATA_ONLY and any(  # garbage in, garbage out
-            id(_storage(x)) in self.unwritten for x in leaves if id(x) not in written_ids or packet not in _OVERWRITES
+            id(_storage(x)) in self.unwritten for x in leaves if id(x) not in written_ids or packet not in OVERWRITERS
         )
         if self.promote and any(self._promoted(t) is not None for t in leaves):
             out = self._run_on_shadows(func, packet, args, kwargs, written)
         else:
             out = func(*args, **kwargs)
-            if packet in _UNINITIALIZED:
-                self._fresh_uninitialized(pytree.tree_leaves(out))
+            if packet in UNINITIALIZED:
+                self._fresh_uninitialized(tree_leaves(out))
         for t in written.values():
             if reads_unwritten:
                 self._remember(self.unwritten, t)
-            elif _covers_storage(t):
+            elif spans_storage(t):
                 self.unwritten.discard(id(_storage(t)))
         if reads_unwritten:
-            for t in pytree.tree_leaves(out):
+            for t in tree_leaves(out):
                 if isinstance(t, torch.Tensor) and id(t) not in written_ids and t.numel():
                     self._remember(self.unwritten, t)
         return out
 
     def _factory(self, func, args, kwargs):
         explicit = kwargs.get("dtype") is not None
-        if func.overloadpacket in _UNINITIALIZED:
+        if func.overloadpacket in UNINITIALIZED:
             out = func(*args, **kwargs)
             self._fresh_uninitialized([out])
             if self.promote and not explicit and out.dtype == self.target:
@@ -231,7 +209,7 @@ class ConstructionMode(TorchDispatchMode):
         return self._adopt(visible, flat)
 
     def _run_on_shadows(self, func, packet, args, kwargs, written: dict[int, torch.Tensor]):
-        overwrite = packet in _OVERWRITES
+        overwrite = packet in OVERWRITERS
         written_ids = {id(t) for t in written.values()}
         twins: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -246,16 +224,16 @@ class ConstructionMode(TorchDispatchMode):
                 twins.append((x, view))
             return view
 
-        shadow_args, shadow_kwargs = pytree.tree_map(twin, (args, kwargs))
-        if packet in _UNINITIALIZED and shadow_kwargs.get("dtype") is None:
+        shadow_args, shadow_kwargs = tree_map(twin, (args, kwargs))
+        if packet in UNINITIALIZED and shadow_kwargs.get("dtype") is None:
             out = func(*args, **kwargs)  # empty_like of a promoted tensor: same dtype, nothing to compute
-            self._fresh_uninitialized(pytree.tree_leaves(out))
-            return pytree.tree_map(lambda t: self._adopt(t, None) if isinstance(t, torch.Tensor) else t, out)
+            self._fresh_uninitialized(tree_leaves(out))
+            return tree_map(lambda t: self._adopt(t, None) if isinstance(t, torch.Tensor) else t, out)
         out = func(*shadow_args, **shadow_kwargs)
         for visible, view in twins:
             visible.copy_(view)  # write through: visible == cast(shadow)
         if written and all(r.alias_info is not None for r in func._schema.returns):
-            return _aliased_result(func, args, kwargs)
+            return aliased_result(func, args, kwargs)
         explicit_dtype = kwargs.get("dtype") is not None
 
         def present(r):
@@ -263,40 +241,4 @@ class ConstructionMode(TorchDispatchMode):
                 return self._promote_result(r)
             return r
 
-        return pytree.tree_map(present, out)
-
-
-def _bind(func, args, kwargs) -> dict[str, object]:
-    bound = dict(kwargs)
-    for arg, value in zip(func._schema.arguments, args, strict=False):
-        bound[arg.name] = value
-    return bound
-
-
-def _written_args(func, args, kwargs) -> dict[str, torch.Tensor]:
-    """The tensor arguments an op writes into (`self` of in-place ops, `out=` of out variants)."""
-    if not func._schema.is_mutable:
-        return {}
-    bound = _bind(func, args, kwargs)
-    written = {}
-    for arg in func._schema.arguments:
-        if arg.alias_info is not None and arg.alias_info.is_write:
-            value = bound.get(arg.name)
-            for t in pytree.tree_leaves(value):
-                if isinstance(t, torch.Tensor):
-                    written[f"{arg.name}{len(written)}"] = t
-    return written
-
-
-def _aliased_result(func, args, kwargs):
-    """What an in-place / out= op returns: the argument(s) it wrote into."""
-    bound = _bind(func, args, kwargs)
-    by_set = {}
-    for arg in func._schema.arguments:
-        if arg.alias_info is not None:
-            for name in arg.alias_info.before_set:
-                by_set[name] = bound.get(arg.name)
-    results = [by_set[next(iter(r.alias_info.before_set))] for r in func._schema.returns]
-    if not results:
-        return None
-    return results[0] if len(results) == 1 else tuple(results)
+        return tree_map(present, out)

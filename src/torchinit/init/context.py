@@ -5,48 +5,73 @@ device (G1); (2) the construction mode keeps low-precision construction bit-exac
 skips every write into parameters (construct.py); (3) module registration hooks note which modules were
 built. At exit, every piece of global state is restored first (G2, also on exceptions), then the modules
 built inside are finished: floating tensors still in another dtype are cast as `Module.to(dtype)` would,
-and parameters that nothing wrote are handed to the unwritten registry (materialize/unwritten.py).
+and parameters that nothing wrote are handed to the pending registry (record/pending.py).
 
-The default dtype is process-global: other threads see the plan's dtype while a context is open.
+The default dtype, the default device and `torch.nn.init` are process-global: while a context is open, other
+threads see them changed, so a second thread that opens a context meanwhile gets an error (`ContextStack`).
 """
 
 from __future__ import annotations
 
-import contextvars
 import functools
-import os
+import threading
 import weakref
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack
+from typing import Generic, TypeVar
 
 import torch
 from torch import nn
 from torch.nn.modules import module as module_hooks
 
+from torchinit.core.dtypes import module_dtype
+from torchinit.core.errors import UsageError
+from torchinit.core.flags import poison_enabled
+from torchinit.core.patching import init_functions, patched
 from torchinit.init.construct import ConstructionMode
-from torchinit.materialize import unwritten
-from torchinit.plan import module_dtype
+from torchinit.record import pending
 
-_POISON = contextvars.ContextVar("torchinit_nan_poison", default=os.environ.get("TORCHINIT_NAN_POISON") == "1")
-_ACTIVE: list[InitContext] = []
+__all__ = ["ACTIVE", "ContextStack", "InitContext", "ModuleWatch"]
 
-
-def poison_enabled() -> bool:
-    return _POISON.get()
+T = TypeVar("T")
 
 
-@contextmanager
-def nan_poison(enabled: bool = True) -> Iterator[None]:
-    """Debug switch: fill memory that empty init leaves uninitialized, and every fresh allocation of
-    `materialize`, with NaN, so that garbage cannot hide.
+class ContextStack(Generic[T]):
+    """The contexts of one kind open now, innermost last. What they change is process-global, so they belong to
+    the thread that opened the outermost one: another thread that opens one meanwhile gets `UsageError`."""
 
-    Also on with the environment variable TORCHINIT_NAN_POISON=1.
-    """
-    token = _POISON.set(enabled)
-    try:
-        yield
-    finally:
-        _POISON.reset(token)
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._items: list[T] = []
+        self._owner: int | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self._items)
+
+    def __getitem__(self, index: int) -> T:
+        return self._items[index]
+
+    def check_thread(self) -> None:
+        """Raise `UsageError` if contexts of this kind are open in another thread."""
+        if self._items and self._owner != threading.get_ident():
+            raise UsageError(
+                f"A torchinit {self.kind} context is open in another thread: the default dtype, the default device "
+                "and torch.nn.init are process-global while it is open. Build models one thread at a time (open "
+                "the context in one thread, or wait until the other thread's context has closed)."
+            )
+
+    def push(self, item: T) -> None:
+        self.check_thread()
+        self._owner = threading.get_ident()
+        self._items.append(item)
+
+    def pop(self) -> T:
+        item = self._items.pop()
+        if not self._items:
+            self._owner = None
+        return item
+
+
+ACTIVE: ContextStack[InitContext] = ContextStack("init")
 
 
 class InitContext:
@@ -63,9 +88,10 @@ class InitContext:
     def __init__(self, device: torch.device, dtype: torch.dtype, empty_init: bool = False, meta: bool = False):
         self.device, self.dtype, self.empty_init = torch.device(device), dtype, bool(empty_init)
         self.meta = bool(meta)
-        self._open: list[tuple[ExitStack, _Recorder | None]] = []
+        self._open: list[tuple[ExitStack, ModuleWatch | None]] = []
 
-    def _plan(self) -> tuple:
+    def plan(self) -> tuple:
+        """What the context does (contexts with equal plans nest)."""
         return self.device, self.dtype, self.empty_init, self.meta
 
     def _describe(self) -> str:
@@ -73,9 +99,9 @@ class InitContext:
 
     def __enter__(self) -> InitContext:
         stack = ExitStack()
-        if _ACTIVE:
-            outer = _ACTIVE[-1]
-            if outer._plan() != self._plan():
+        if ACTIVE:
+            outer = ACTIVE[-1]
+            if outer.plan() != self.plan():
                 raise ValueError(
                     f"Cannot open an init context ({self._describe()}) inside another one with a different plan "
                     f"({outer._describe()}). Close the outer context first, or use the same Fabric for both."
@@ -87,24 +113,24 @@ class InitContext:
             except BaseException:
                 stack.close()
                 raise
-        _ACTIVE.append(self)
-        stack.callback(_ACTIVE.pop)
+        ACTIVE.push(self)
+        stack.callback(ACTIVE.pop)
         self._open.append((stack, recorder))
         return self
 
-    def _enter_state(self, stack: ExitStack) -> _Recorder:
+    def _enter_state(self, stack: ExitStack) -> ModuleWatch:
         compute = torch.get_default_dtype()
         stack.callback(torch.set_default_dtype, compute)
         torch.set_default_dtype(self.dtype)
         stack.enter_context(torch.device(self.device))
         mode = None
         if (compute != self.dtype or self.empty_init) and self.device.type != "meta":
-            mode = ConstructionMode(compute, self.dtype, skip_param_writes=self.empty_init, poison=_POISON.get())
+            mode = ConstructionMode(compute, self.dtype, skip_param_writes=self.empty_init, poison=poison_enabled())
             stack.enter_context(mode)
         if self.meta or (self.empty_init and mode is not None):
             stack.enter_context(_skip_init_functions(mode.param_storages if mode is not None else set(),
                                                      mode.skipped if mode is not None else None))
-        recorder = _Recorder(mode, params_on_meta=self.meta)
+        recorder = ModuleWatch(mode, params_on_meta=self.meta)
         stack.enter_context(recorder)
         return recorder
 
@@ -120,7 +146,7 @@ class InitContext:
         return False
 
 
-class _Recorder:
+class ModuleWatch:
     """Global module-registration hooks: which modules were built inside the context, and their parameters."""
 
     def __init__(self, mode: ConstructionMode | None, params_on_meta: bool = False):
@@ -130,7 +156,7 @@ class _Recorder:
         self.children: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         self._handles: list = []
 
-    def __enter__(self) -> _Recorder:
+    def __enter__(self) -> ModuleWatch:
         self._handles = [
             module_hooks.register_module_parameter_registration_hook(self._on_parameter),
             module_hooks.register_module_buffer_registration_hook(self._on_buffer),
@@ -180,7 +206,7 @@ class _Recorder:
                         module._buffers[name] = buffer.to(dtype)
         if self.mode is not None and self.mode.skip_param_writes:
             roots = [m for m in self.modules if m not in self.children]
-            unwritten.track(roots, self.mode.is_unwritten)
+            pending.track(roots, self.mode.is_unwritten)
 
     def close(self) -> None:
         if self.mode is not None:
@@ -196,18 +222,13 @@ def _on_meta(param: nn.Parameter) -> nn.Parameter:
     return meta
 
 
-@contextmanager
-def _skip_init_functions(param_storages: set[int], skipped=None) -> Iterator[None]:
+def _skip_init_functions(param_storages: set[int], skipped=None) -> AbstractContextManager[None]:
     """Make every public `torch.nn.init` function a no-op on parameters (and on meta tensors) while open.
 
     The aten-level skip already leaves parameter memory untouched; this also skips the work these functions
     do on temporaries (orthogonal_'s QR, trunc_normal_'s rejection loop, which cannot run on meta at all)
     and the random numbers they draw.
     """
-    originals = {
-        name: fn for name, fn in vars(nn.init).items()
-        if callable(fn) and name.endswith("_") and not name.startswith("_")
-    }
 
     def skipping(fn):
         @functools.wraps(fn)
@@ -222,10 +243,4 @@ def _skip_init_functions(param_storages: set[int], skipped=None) -> Iterator[Non
 
         return wrapper
 
-    for name, fn in originals.items():
-        setattr(nn.init, name, skipping(fn))
-    try:
-        yield
-    finally:
-        for name, fn in originals.items():
-            setattr(nn.init, name, fn)
+    return patched(init_functions(), skipping)

@@ -2,7 +2,7 @@
 
 Placeholders are meta tensors (FSDP, ZeRO-3, `RecordContext`), or, for empty init, real uninitialized memory on
 the device: `load_state_dict` then works as usual, the buffers get their values at once (a replay of only the ops
-they depend on), and the parameters are handed to the unwritten registry, which replays the record into exactly
+they depend on), and the parameters are handed to the pending registry, which replays the record into exactly
 the ones nothing wrote (after a partial load, at `setup`, or at the first forward). One placeholder per tensor
 object, so ties stay ties. A value the record knows to be uninitialized (eager leaves `torch.empty` memory
 there too) is not bound: such a tensor needs another source (a checkpoint, its module's init) or is an error.
@@ -15,22 +15,23 @@ import warnings
 import weakref
 
 import torch
-import torch.utils._pytree as pytree
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
-from torchinit.init.context import poison_enabled
-from torchinit.init.record import _RECORDS, Alias, Record, Ref, _OpRecorder
-from torchinit.materialize import unwritten
-from torchinit.plan import module_dtype
+from torchinit.core.compat import FakeTensor, FakeTensorMode, tree_leaves, tree_map
+from torchinit.core.dtypes import module_dtype, own_apply
+from torchinit.core.flags import poison_enabled
+from torchinit.init.recorder import OpRecorder
+from torchinit.record import pending, recording
+from torchinit.record.data import Alias, Record, Ref
+from torchinit.record.recording import Recording
+
+__all__ = ["finish", "replay_now"]
 
 
-def finish(recorder: _OpRecorder, modules: list[nn.Module], dtype: torch.dtype | None,
+def finish(recorder: OpRecorder, modules: list[nn.Module], dtype: torch.dtype | None,
            device: torch.device | None, keep_garbage: bool = False) -> None:
     """Fake tensors on `modules` -> placeholders (meta, or empty memory on `device`); the record is kept.
     `keep_garbage`: bind uninitialized values too (replayed at once: eager's uninitialized memory, as eager)."""
-    from torchinit.materialize.replay import Recording
-
     record = recorder.record
     placeholders: dict[int, torch.Tensor] = {}
     targets: dict[int, tuple[torch.Tensor, Ref | Alias]] = {}
@@ -61,10 +62,10 @@ def finish(recorder: _OpRecorder, modules: list[nn.Module], dtype: torch.dtype |
     for module in modules:  # containers of references to parameters (RNN's _flat_weights) follow them
         for name, value in list(vars(module).items()):
             if isinstance(value, (list, tuple, dict)) and any(isinstance(x, FakeTensor)
-                                                               for x in pytree.tree_leaves(value)):
-                object.__setattr__(module, name, pytree.tree_map(
+                                                               for x in tree_leaves(value)):
+                object.__setattr__(module, name, tree_map(
                     lambda x: placeholders.get(id(x), x) if isinstance(x, FakeTensor) else x, value))
-                if any(isinstance(x, FakeTensor) for x in pytree.tree_leaves(getattr(module, name))):
+                if any(isinstance(x, FakeTensor) for x in tree_leaves(getattr(module, name))):
                     hidden.append(f"{type(module).__name__}.{name}")
     if hidden:
         warnings.warn(f"Tensors inside containers ({', '.join(hidden[:5])}) were built in record mode and stay fake "
@@ -77,43 +78,27 @@ def finish(recorder: _OpRecorder, modules: list[nn.Module], dtype: torch.dtype |
                 object.__setattr__(module, name, made)
                 if not known and id(made) in targets:  # a plain attribute: set to its value when replayed
                     loose[id(made)] = (weakref.ref(module), name)
-    recording = Recording(record, targets, loose, sliced=device is not None)
-    recording.dtype = dtype
-    for module in modules:
-        _RECORDS[module] = recording
+    bound = Recording(record, targets, loose, dtype, sliced=device is not None)
+    recording.register(modules, bound)
     recorder.keep.clear()
     recorder.node_of.clear()
     if device is not None:
         params = {id(t) for t in placeholders.values() if isinstance(t, nn.Parameter)}
         garbage = {id(t) for t in placeholders.values() if id(t) not in params and id(t) not in targets}
-        _finish_empty(recording, modules, params, garbage)
+        _finish_empty(bound, modules, params, garbage)
         own_apply(modules, dtype)
 
 
-def own_apply(modules: list[nn.Module], dtype: torch.dtype | None) -> None:
-    """Modules that override `Module._apply` decide for themselves what `model.to(dtype)` does to them (timm's
-    rotary embeddings keep their bands in fp32 and recompute them): run eager's `.to(dtype)` on those, once
-    their values are there. For every other module the cast is plain, and already done."""
-    if dtype is None:
-        return
-    for module in modules:
-        if type(module)._apply is not nn.Module._apply and all(
-            t.device.type != "meta" and type(t) in (torch.Tensor, nn.Parameter)
-            for t in [*module.parameters(), *module.buffers()]
-        ):
-            module.to(dtype)
-
-
-def _finish_empty(recording, modules: list[nn.Module], params: set[int], garbage: set[int]) -> None:
+def _finish_empty(bound: Recording, modules: list[nn.Module], params: set[int], garbage: set[int]) -> None:
     """Empty init: buffers and plain tensor attributes get their values now (only the ops they depend on run);
     every parameter placeholder is pending until something writes it, and so is a buffer whose recorded value
     is uninitialized memory (`garbage`: a checkpoint may fill it; otherwise `setup` names it in an error)."""
-    now = {f"buffer{i}": t for i, (t, _) in enumerate(recording.targets.values()) if id(t) not in params}
+    now = {f"buffer{i}": t for i, (t, _) in enumerate(bound.targets.values()) if id(t) not in params}
     if now:
-        recording.replay(now)
+        bound.replay(now)
     children = {id(c) for m in modules for c in m._modules.values() if c is not None}
     roots = [m for m in modules if id(m) not in children]
-    unwritten.track(roots, lambda t: id(t) in params or id(t) in garbage)
+    pending.track(roots, lambda t: id(t) in params or id(t) in garbage)
 
 
 @functools.cache
@@ -125,15 +110,13 @@ def _fake_attributes() -> frozenset[str]:
 
 def replay_now(record: Record, built: list[nn.Module], device: torch.device, dtype: torch.dtype | None) -> None:
     """Materialize what was built (the record replayed) and leave the random streams where eager leaves them."""
-    from torchinit.materialize.materialize import materialize
-
     children = {id(c) for m in built for c in m._modules.values() if c is not None}
     roots = [m for m in built if id(m) not in children]
-    recording = _RECORDS.get(roots[0]) if roots else None
+    bound = recording.kept_for(roots[0]) if roots else None
     for root in roots:
-        materialize(root, device, dtype, check_values=False)
+        pending.fill(root, device, dtype, check_values=False)
     own_apply(built, dtype)
-    final = getattr(recording, "final_rng", None)
+    final = getattr(bound, "final_rng", None)
     if final is not None:
         for i, state in final.items():
             record.generators[i].set_state(state)

@@ -16,14 +16,17 @@ from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensor
+
+from torchinit.core.compat import FakeTensor
+from torchinit.core.patching import patched
 
 
-@contextlib.contextmanager
-def converting_fake_modules() -> Iterator[None]:
+def converting_fake_modules() -> contextlib.AbstractContextManager[None]:
     """`nn.Module._apply` patched while recording (restored at exit, on every path)."""
-    original = nn.Module._apply
+    return patched([(nn.Module, "_apply")], _converting)
 
+
+def _converting(original: Callable) -> Callable:
     def _apply(module: nn.Module, fn: Callable, recurse: bool = True) -> nn.Module:
         if not any(isinstance(t, FakeTensor) for t in (*module._parameters.values(), *module._buffers.values())):
             return original(module, fn, recurse)
@@ -42,11 +45,7 @@ def converting_fake_modules() -> Iterator[None]:
                 module._buffers[key] = fn(buffer)
         return module
 
-    nn.Module._apply = _apply
-    try:
-        yield
-    finally:
-        nn.Module._apply = original
+    return _apply
 
 
 @contextlib.contextmanager

@@ -14,12 +14,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from torchinit.init.construct import METADATA_ONLY
+from torchinit.core.compat import unset_fake_temporarily
+from torchinit.core.ops import METADATA_ONLY, UNINITIALIZED
 
-_aten = torch.ops.aten
-EMPTY = {_aten.empty, _aten.empty_strided, _aten.empty_like, _aten.new_empty, _aten.new_empty_strided}
+__all__ = ["Garbage"]
 
 
 class Garbage:
@@ -34,7 +33,7 @@ class Garbage:
         """After one op: `overwritten` is the memory it fills in full, `filled` (memory, view) the view of its
         first argument that it fills without reading it."""
         packet = getattr(func, "overloadpacket", None)
-        if packet in EMPTY:
+        if packet in UNINITIALIZED:
             self.memory.update(writes)
             for m in writes:
                 self._covered.pop(m, None)

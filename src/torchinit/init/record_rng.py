@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 from collections.abc import Callable, Iterator
 
 import torch
-from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-from torchinit.init.record_data import Record, RecordError
+from torchinit.core.compat import unset_fake_temporarily
+from torchinit.core.patching import patched
+from torchinit.record.data import Record, RecordError
+from torchinit.record.replay import generator_states
 
 _SETTERS = {"torch": ["manual_seed", "seed", "set_rng_state"], "torch.random": ["manual_seed", "seed", "set_rng_state"],
             "torch.cuda": ["manual_seed", "manual_seed_all", "seed", "seed_all", "set_rng_state", "set_rng_state_all"],
@@ -48,22 +51,15 @@ def snapshot(recorder, device: torch.device) -> None:
 @contextlib.contextmanager
 def recording_seeds(recorder) -> Iterator[None]:
     """Step 2: the seeding functions patched while `recorder` records (restored at exit, on every path)."""
-    import importlib
-
-    patched = []
-    for table, wrap in ((_SETTERS, _setter), (_GETTERS, _getter)):
-        for module_name, names in table.items():
-            module = importlib.import_module(module_name)
-            for name in names:
-                original = getattr(module, name, None)
-                if callable(original):
-                    patched.append((module, name, original))
-                    setattr(module, name, wrap(original, recorder))
-    try:
+    with patched(_targets(_SETTERS), lambda fn: _setter(fn, recorder)), \
+            patched(_targets(_GETTERS), lambda fn: _getter(fn, recorder)):
         yield
-    finally:
-        for module, name, original in reversed(patched):
-            setattr(module, name, original)
+
+
+def _targets(table: dict[str, list[str]]) -> list[tuple[object, str]]:
+    modules = {name: importlib.import_module(name) for name in table}
+    return [(modules[m], name) for m, names in table.items() for name in names if callable(getattr(modules[m], name,
+                                                                                                  None))]
 
 
 def _setter(fn: Callable, recorder) -> Callable:
@@ -121,8 +117,6 @@ def states_now(record: Record) -> dict[int, torch.Tensor]:
     re-seeds recorded so far (a replay of those and what they read; none if nothing has drawn yet)."""
     if not any(op.random for op in record.ops):
         return dict(record.rng)
-    from torchinit.materialize.replay import generator_states
-
     return generator_states(record)
 
 

@@ -7,17 +7,18 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from torchinit.init.construct import _aliased_result, _written_args
-from torchinit.materialize.verify import MaterializeError, _names
+from torchinit.core.compat import DispatchMode
+from torchinit.core.errors import MaterializeError
+from torchinit.core.ops import aliased_result, written_args
+from torchinit.core.placement import local_tensor
+from torchinit.core.text import shorten
+from torchinit.materialize.slot import Slot
 
-if TYPE_CHECKING:
-    from torchinit.materialize.materialize import _Slot
+__all__ = ["InitFn", "init_for", "post_order", "register_init", "run_inits"]
 
 InitFn = Callable[[nn.Module], None]
 _REGISTERED: dict[type, InitFn] = {}
@@ -47,27 +48,23 @@ def init_for(module: nn.Module, init_fns: Mapping[type, InitFn] | None) -> Calla
     return None
 
 
-class _WriteWatch(TorchDispatchMode):
+class _WriteWatch(DispatchMode):
     """Lets an init write only the tensors it is the source for; records what it wrote and what it tried."""
 
-    def __init__(self, guarded: dict[int, _Slot], allowed: set[int]):
+    def __init__(self, guarded: dict[int, Slot], allowed: set[int]):
         super().__init__()
         self.guarded, self.allowed = guarded, allowed
         self.written: set[int] = set()
-        self.refused: list[_Slot] = []
-
-    @classmethod
-    def _should_skip_dynamo(cls) -> bool:
-        return False  # see ConstructionMode: never compiled, and the dynamo wrapper costs a second to import
+        self.refused: list[Slot] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        written = _written_args(func, args, kwargs)
+        written = written_args(func, args, kwargs)
         ptrs = [_ptr(t) for t in written.values()]
         refused = [p for p in ptrs if p in self.guarded and p not in self.allowed]
         if refused and len(refused) == len(ptrs):
             self.refused += [self.guarded[p] for p in refused]
-            return _aliased_result(func, args, kwargs)
+            return aliased_result(func, args, kwargs)
         self.written.update(ptrs)
         return func(*args, **kwargs)
 
@@ -88,11 +85,11 @@ def post_order(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def _ptr(t: torch.Tensor) -> tuple[torch.device, int]:
-    t = getattr(t, "_local_tensor", t)  # a DTensor's own memory is its local shard
+    t = local_tensor(t)  # a DTensor's own memory is its local shard
     return t.device, t.untyped_storage().data_ptr()
 
 
-def run_inits(module: nn.Module, slots: list[_Slot], init_fns: Mapping[type, InitFn] | None) -> None:
+def run_inits(module: nn.Module, slots: list[Slot], init_fns: Mapping[type, InitFn] | None) -> None:
     """Run each owner's init once, children first; each may write only tensors it is the source for.
 
     A parent may also write a descendant's init-sourced tensor (torch's MultiheadAttention zeroes its
@@ -104,7 +101,7 @@ def run_inits(module: nn.Module, slots: list[_Slot], init_fns: Mapping[type, Ini
     if not init_slots:
         return
     guarded = {_ptr(s.memory): s for s in slots if s.tensor.numel()}
-    by_owner: dict[int, list[_Slot]] = {}
+    by_owner: dict[int, list[Slot]] = {}
     for s in init_slots:
         by_owner.setdefault(id(s.owner[1]), []).append(s)
     writers: dict[tuple, list[nn.Module]] = {}
@@ -130,7 +127,7 @@ def run_inits(module: nn.Module, slots: list[_Slot], init_fns: Mapping[type, Ini
     not_written = [s.name for s in init_slots if s.tensor.numel() and _ptr(s.memory) not in writers]
     if not_written:
         raise MaterializeError(
-            f"These tensors were left uninitialized: their module's init did not write them: {_names(not_written)}. "
+            f"These tensors were left uninitialized: their module's init did not write them: {shorten(not_written)}. "
             "Nothing was changed. Make the init write every parameter and buffer of its own module, or register "
             "an init for the class (torchinit.register_init)."
         )
@@ -143,13 +140,13 @@ def run_inits(module: nn.Module, slots: list[_Slot], init_fns: Mapping[type, Ini
         warnings.warn(
             "Init methods reached beyond their own module (the contract: each module initializes only its own "
             "parameters and buffers). "
-            + (f"Initialized twice, the parent's value kept: {_names(twice)}. " if twice else "")
-            + (f"Refused writes to tensors with another source: {_names(foreign)}." if foreign else ""),
+            + (f"Initialized twice, the parent's value kept: {shorten(twice)}. " if twice else "")
+            + (f"Refused writes to tensors with another source: {shorten(foreign)}." if foreign else ""),
             stacklevel=3,
         )
 
 
-def _restore_identity(owner: nn.Module, slots: list[_Slot], allowed: set[int]) -> set[int]:
+def _restore_identity(owner: nn.Module, slots: list[Slot], allowed: set[int]) -> set[int]:
     """Undo an init that replaced a Parameter object or its `.data`: keep the object and our memory, take the
     value where the init was allowed to write. Returns the storages that got a value this way."""
     got = set()

@@ -1,7 +1,7 @@
 """Meta → real, in place: the one routine that setup, every strategy and the checkpoint loader call.
 
 1. Collect every parameter and buffer once (a tied weight is one tensor with several names). A tensor
-   *needs a value* when it is on meta, or when empty init left it unwritten.
+   *needs a value* when it is on meta, or when empty init left it pending.
 2. Choose one source per tensor: a checkpoint value › a recorded init › its owner's init (an init function
    passed in or registered for its class, `reset_parameters()`, `_reset_parameters()`) › error. Every tensor
    that has none, and every shape mismatch, is named in ONE error before anything changes.
@@ -22,29 +22,22 @@ import time
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 from torch import nn
 
-from torchinit.init.context import poison_enabled
-from torchinit.init.finish import own_apply
-from torchinit.init.record import records_of
-from torchinit.materialize import unwritten
+from torchinit.core.dtypes import module_dtype, own_apply
+from torchinit.core.errors import MaterializeError
+from torchinit.core.flags import poison_enabled
+from torchinit.core.text import shorten
 from torchinit.materialize.inits import InitFn, init_for, run_inits
 from torchinit.materialize.memory import Need, check_fits, local_nbytes, release_freed_host_memory, warm_up, work_nbytes
-from torchinit.materialize.verify import MaterializeError, _names, tie_groups, verify
-from torchinit.plan import module_dtype
+from torchinit.materialize.slot import Slot
+from torchinit.materialize.verify import tie_groups, verify
+from torchinit.record import pending
+from torchinit.record.recording import RecordedInit, records_of
 
-
-class RecordedInit(Protocol):
-    """A recorded initialization (built while constructing) that can replay itself into fresh tensors."""
-
-    def covers(self, tensor: torch.Tensor) -> bool:
-        """Whether the record can produce this tensor object (a placeholder it made)."""
-
-    def replay(self, targets: dict[str, torch.Tensor]) -> None:
-        """Write the recorded values into `targets` (qualified name -> the covered tensor, now with memory)."""
+__all__ = ["MaterializeReport", "materialize", "swap_in"]
 
 
 @dataclass
@@ -57,31 +50,6 @@ class MaterializeReport:
     kept: list[str] = field(default_factory=list)
     allocated_bytes: int = 0
     seconds: float = 0.0
-
-
-@dataclass(eq=False)
-class _Slot:
-    """One tensor object and every place it is registered: (module path, module, attribute, is_param)."""
-
-    tensor: torch.Tensor
-    homes: list[tuple[str, nn.Module, str, bool]]
-    needs_value: bool
-    source: str = "kept"  # "checkpoint" | "recorded" | "init" | "kept"
-    key: str = ""  # the checkpoint key it is read from
-    memory: torch.Tensor | None = None  # the data it must end with (fresh allocation or its own)
-
-    @property
-    def name(self) -> str:
-        path, _, attr, _ = self.homes[0]
-        return f"{path}.{attr}" if path else attr
-
-    @property
-    def names(self) -> list[str]:
-        return [f"{path}.{attr}" if path else attr for path, _, attr, _ in self.homes]
-
-    @property
-    def owner(self) -> tuple[str, nn.Module]:
-        return self.homes[0][0], self.homes[0][1]
 
 
 def materialize(
@@ -147,8 +115,8 @@ def materialize(
 
 
 # ---- 1. collect ------------------------------------------------------------------------------------
-def _collect(module: nn.Module) -> list[_Slot]:
-    slots: dict[int, _Slot] = {}
+def _collect(module: nn.Module) -> list[Slot]:
+    slots: dict[int, Slot] = {}
     for path, mod in module.named_modules():
         for is_param, table in ((True, mod._parameters), (False, mod._buffers)):
             for attr, t in table.items():
@@ -156,13 +124,13 @@ def _collect(module: nn.Module) -> list[_Slot]:
                     continue
                 slot = slots.get(id(t))
                 if slot is None:
-                    needs = t.device.type == "meta" or unwritten.is_pending(t)
-                    slot = slots[id(t)] = _Slot(t, [], needs)
+                    needs = t.device.type == "meta" or pending.is_pending(t)
+                    slot = slots[id(t)] = Slot(t, [], needs)
                 slot.homes.append((path, mod, attr, is_param))
     return list(slots.values())
 
 
-def _resolve_device(device, slots: list[_Slot]) -> torch.device | None:
+def _resolve_device(device, slots: list[Slot]) -> torch.device | None:
     if device is not None:
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
@@ -200,11 +168,11 @@ def _choose_sources(slots, checkpoint, recorded, init_fns) -> None:
             hopeless.setdefault(id(owner), (path, owner, []))[2].append(slot.homes[0][2])
     if mismatched:
         raise MaterializeError(
-            f"{len(mismatched)} checkpoint tensor(s) do not fit the model's shapes: {_names(mismatched)}. "
+            f"{len(mismatched)} checkpoint tensor(s) do not fit the model's shapes: {shorten(mismatched)}. "
             "Nothing was changed; check that the checkpoint belongs to this model configuration."
         )
     if hopeless:
-        listed = _names([
+        listed = shorten([
             f"'{path or '<root>'}' ({type(owner).__name__}: {', '.join(attrs)})"
             for path, owner, attrs in hopeless.values()
         ])
@@ -221,7 +189,7 @@ def _final_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
     return module_dtype(t, dtype)
 
 
-def _preflight(slots: list[_Slot], device: torch.device | None, dtype: torch.dtype | None) -> None:
+def _preflight(slots: list[Slot], device: torch.device | None, dtype: torch.dtype | None) -> None:
     """What THIS process will hold: the local part of each tensor that gets memory (a DTensor's shard, not its
     global size), plus the largest full tensor a replay computes before keeping its part."""
     grows = []
@@ -247,11 +215,11 @@ def _allocate(slots, device, dtype, undo: list) -> int:
         in_place = t.device == where and t.dtype == want and t.device.type != "meta"
         # A buffer that has a value gets fresh memory for the checkpoint's, so a failed load leaves it as it was
         # (buffers are small; a real model's parameters are written in place, to hold one copy of the model).
-        valued_buffer = not any(home[3] for home in slot.homes) and not unwritten.is_pending(t)
+        valued_buffer = not any(home[3] for home in slot.homes) and not pending.is_pending(t)
         if slot.source == "kept" or in_place and not (slot.source == "checkpoint" and valued_buffer):
             slot.memory = t.data
-            if unwritten.is_pending(t):
-                undo.append(unwritten.pending_restorer(t))
+            if pending.is_pending(t):
+                undo.append(pending.pending_restorer(t))
             continue
         todo.append((slot, where, want))
     warm_up([(where, local_nbytes(slot.tensor, want)) for slot, where, want in todo])
@@ -261,13 +229,13 @@ def _allocate(slots, device, dtype, undo: list) -> int:
         fresh = torch.empty_like(t, device=where, dtype=want)
         if poison and fresh.is_floating_point():
             fresh.fill_(float("nan"))
-        undo.append(_swap_in(t, fresh))
+        undo.append(swap_in(t, fresh))
         slot.memory = fresh
         total += local_nbytes(fresh, want)
     return total
 
 
-def _swap_in(t: torch.Tensor, fresh: torch.Tensor) -> Callable[[], None]:
+def swap_in(t: torch.Tensor, fresh: torch.Tensor) -> Callable[[], None]:
     """Make the object `t` hold `fresh` (same object, attributes kept); return how to undo it.
 
     Between devices of one kind (cpu <-> cuda) `.data =` does it; meta tensors are another kind of tensor, so
@@ -294,7 +262,7 @@ def _swap_in(t: torch.Tensor, fresh: torch.Tensor) -> Callable[[], None]:
 
 
 # ---- 5. fill -----------------------------------------------------------------------------------------
-def _replay(slots: list[_Slot], recorded: RecordedInit | None) -> None:
+def _replay(slots: list[Slot], recorded: RecordedInit | None) -> None:
     targets = {s.name: s.tensor for s in slots if s.source == "recorded"}
     if targets:
         with torch.no_grad():
@@ -302,7 +270,7 @@ def _replay(slots: list[_Slot], recorded: RecordedInit | None) -> None:
         release_freed_host_memory()  # the replay's freed working tensors, out of the C heap
 
 
-def _copy_checkpoint(slots: list[_Slot], checkpoint: Mapping[str, torch.Tensor] | None) -> frozenset[int]:
+def _copy_checkpoint(slots: list[Slot], checkpoint: Mapping[str, torch.Tensor] | None) -> frozenset[int]:
     """Copy checkpoint values in; a checkpoint with `load_into(pairs)` (the streaming reader) writes them itself
     and checks their values (naming its file): returns the ids of those tensors, which verify need not check."""
     pairs = [(slot.key, slot.tensor) for slot in slots if slot.source == "checkpoint"]
@@ -311,7 +279,7 @@ def _copy_checkpoint(slots: list[_Slot], checkpoint: Mapping[str, torch.Tensor] 
     if hasattr(checkpoint, "load_into"):
         checkpoint.load_into([(key, t.data) for key, t in pairs])
         for _, t in pairs:
-            unwritten.mark_written(t)  # written behind autograd's back: its version counter did not move
+            pending.mark_written(t)  # written behind autograd's back: its version counter did not move
         return frozenset(id(t) for _, t in pairs)
     with torch.no_grad():
         for key, t in pairs:
@@ -319,7 +287,7 @@ def _copy_checkpoint(slots: list[_Slot], checkpoint: Mapping[str, torch.Tensor] 
     return frozenset()
 
 
-def _move_kept(slots: list[_Slot], device: torch.device | None, dtype: torch.dtype | None) -> None:
+def _move_kept(slots: list[Slot], device: torch.device | None, dtype: torch.dtype | None) -> None:
     """Tensors that were real already: to the device and dtype, one at a time, as `Module.to` does."""
     for slot in slots:
         t = slot.tensor
@@ -328,3 +296,6 @@ def _move_kept(slots: list[_Slot], device: torch.device | None, dtype: torch.dty
         where, want = device if device is not None else t.device, _final_dtype(t, dtype)
         if t.device != where or t.dtype != want:
             t.data = t.data.to(device=where, dtype=want)
+
+
+pending.set_filler(materialize)  # the guards of pending tensors (record/pending.py) fill through this chain

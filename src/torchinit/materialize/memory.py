@@ -13,9 +13,8 @@ from dataclasses import dataclass
 import psutil
 import torch
 
-
-class InsufficientMemoryError(MemoryError):
-    """The plan needs more memory on a device than is free there. Nothing was allocated."""
+from torchinit.core.errors import InsufficientMemoryError
+from torchinit.core.placement import local_tensor
 
 
 def free_memory(device: torch.device) -> tuple[int, int] | None:
@@ -48,7 +47,7 @@ class Need:
 
 def local_nbytes(t: torch.Tensor, dtype: torch.dtype | None = None) -> int:
     """Bytes this process holds for `t` (in `dtype`, default its own): a DTensor's local shard, not its global size."""
-    local = t.to_local() if hasattr(t, "to_local") else t
+    local = local_tensor(t)
     return local.numel() * (dtype or t.dtype).itemsize
 
 

@@ -5,17 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from torchinit.materialize import unwritten
+from torchinit.core.errors import VerificationError
+from torchinit.core.placement import local_tensor
+from torchinit.core.text import shorten
+from torchinit.record import pending
 
-
-class MaterializeError(RuntimeError):
-    """The model cannot be materialized as asked; the message names the tensors and modules. Model unchanged."""
-
-
-
-class VerificationError(RuntimeError):
-    """A materialized model is not what was asked for; the message names every offending tensor."""
-
+__all__ = ["Ties", "tie_groups", "verify"]
 
 Ties = frozenset[frozenset[str]]
 
@@ -43,10 +38,10 @@ def verify(module: nn.Module, ties: Ties | None = None, check_values: bool = Tru
     tensors = _named_tensors(module)
     on_meta = [name for name, t in tensors if t.device.type == "meta"]
     if on_meta:
-        problems.append(f"still on the meta device: {_names(on_meta)}")
-    pending = unwritten.unwritten_names(module)
-    if pending:
-        problems.append(f"never written (uninitialized memory): {_names(pending)}")
+        problems.append(f"still on the meta device: {shorten(on_meta)}")
+    unwritten = pending.unwritten_names(module)
+    if unwritten:
+        problems.append(f"never written (uninitialized memory): {shorten(unwritten)}")
     if ties is not None:
         now = tie_groups(module)
         if now != ties:
@@ -72,7 +67,7 @@ def _bad_values(tensors: list[tuple[str, torch.Tensor]], module: nn.Module) -> l
     with torch.no_grad():
         for name, t in floating:
             is_param = id(t) in params
-            t = getattr(t, "_local_tensor", t)  # a DTensor: check this rank's shard
+            t = local_tensor(t)  # a DTensor: check this rank's shard
             if not t.numel():
                 continue
             flat = torch.view_as_real(t.detach()).reshape(-1) if t.is_complex() else t.detach().reshape(-1)
@@ -90,13 +85,7 @@ def _bad_values(tensors: list[tuple[str, torch.Tensor]], module: nn.Module) -> l
                 not_finite.append(name)
     problems = []
     if nan:
-        problems.append(f"NaN (uninitialized or NaN-poisoned memory, or a broken init) in: {_names(nan)}")
+        problems.append(f"NaN (uninitialized or NaN-poisoned memory, or a broken init) in: {shorten(nan)}")
     if not_finite:
-        problems.append(f"infinite values in parameters: {_names(not_finite)}")
+        problems.append(f"infinite values in parameters: {shorten(not_finite)}")
     return problems
-
-
-def _names(names: list[str], limit: int = 20) -> str:
-    """A readable list: the first `limit` names and how many more."""
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")

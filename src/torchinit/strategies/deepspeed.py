@@ -26,14 +26,15 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 from torch.nn.modules import module as module_hooks
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakIdKeyDictionary
 
-from torchinit.init.construct import _aliased_result, _written_args
+from torchinit.core.compat import DispatchMode, tree_map
+from torchinit.core.dtypes import module_dtype
+from torchinit.core.ops import aliased_result, written_args
 from torchinit.materialize.inits import init_for, post_order
 from torchinit.materialize.materialize import materialize
 from torchinit.materialize.memory import Need, check_fits, work_nbytes
-from torchinit.plan import DeepSpeedStrategy, Plan, module_dtype
+from torchinit.plan import DeepSpeedStrategy, Plan
 
 if TYPE_CHECKING:
     from torchinit.checkpoint.formats import Checkpoint
@@ -93,17 +94,13 @@ def zero_init(plan: Plan, options: DeepSpeedStrategy, skip_writes: bool) -> Iter
         handle.remove()
 
 
-class _PartitionedWrites(TorchDispatchMode):
+class _PartitionedWrites(DispatchMode):
     """Writes into a parameter that ZeRO-3 already partitioned: gather, apply, re-partition (or skip)."""
 
     def __init__(self, deepspeed, skip: bool):
         super().__init__()
         self.deepspeed, self.skip = deepspeed, skip
         self.params = WeakIdKeyDictionary()  # by identity: a WeakSet would compare tensors with ==
-
-    @classmethod
-    def _should_skip_dynamo(cls) -> bool:
-        return False
 
     def remember(self, module: nn.Module, name: str, param: nn.Parameter | None) -> None:
         if param is not None:
@@ -120,12 +117,12 @@ class _PartitionedWrites(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        written = [t for t in _written_args(func, args, kwargs).values() if t.numel() == 0]
+        written = [t for t in written_args(func, args, kwargs).values() if t.numel() == 0]
         owners = [p for p in map(self._owner, written) if p is not None and p.ds_numel > 0]
         if not owners:
             return func(*args, **kwargs)
         if self.skip:
-            return _aliased_result(func, args, kwargs)
+            return aliased_result(func, args, kwargs)
         if len(owners) != 1 or len(written) != 1 or tuple(written[0].shape) != (0,):
             raise RuntimeError(
                 f"{func} writes into a ZeRO-3 partitioned parameter through a view; torchinit can apply whole-tensor "
@@ -134,7 +131,7 @@ class _PartitionedWrites(TorchDispatchMode):
         param, alias = owners[0], written[0]
         with self.deepspeed.zero.GatheredParameters([param], modifier_rank=0):
             full = param.data
-            args, kwargs = torch.utils._pytree.tree_map(lambda x: full if x is alias else x, (args, kwargs))
+            args, kwargs = tree_map(lambda x: full if x is alias else x, (args, kwargs))
             func(*args, **kwargs)
         return alias
 

@@ -26,11 +26,11 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from torchinit.init.record import records_of
 from torchinit.materialize.inits import post_order
 from torchinit.materialize.materialize import materialize
 from torchinit.materialize.verify import tie_groups, verify
 from torchinit.plan import FSDPStrategy, Plan, WrapPolicy
+from torchinit.record.recording import records_of
 
 
 def shard(module: nn.Module, plan: Plan, options: FSDPStrategy) -> dict[int, nn.Parameter]:
@@ -42,19 +42,19 @@ def shard(module: nn.Module, plan: Plan, options: FSDPStrategy) -> dict[int, nn.
     before = {id(p): (name, p) for name, p in module.named_parameters()}
     ties = tie_groups(module)
     kwargs = _shard_kwargs(plan, options)
-    units = [*_units(module, options.wrap), module]
+    shard_units = [*units(module, options.wrap), module]
     # offloaded shards live on the CPU (FSDP2 checks it, and pins them); a recorded init still draws on its device
     device = torch.device("cpu") if options.cpu_offload else plan.device
     recorded = records_of(module)
     if recorded is not None and _covers_all_meta(module, recorded):
-        for unit in units:
+        for unit in shard_units:
             fully_shard(unit, **kwargs)
         old = {name: p for name, p in before.values()}
         for name, p in module.named_parameters():
             recorded.rebind(old[name], p)
         materialize(module, device, plan.param_dtype, recorded=recorded, check_values=False)
     else:
-        for unit in units:
+        for unit in shard_units:
             full = [p for p in unit.parameters() if not isinstance(p, DTensor)]
             materialize(unit, device, plan.param_dtype, check_values=False)  # children sharded: kept where they are
             fully_shard(unit, **kwargs)
@@ -83,7 +83,7 @@ def _shard_kwargs(plan: Plan, options: FSDPStrategy) -> dict:
                 offload_policy=offload)
 
 
-def _units(module: nn.Module, wrap: WrapPolicy) -> list[nn.Module]:
+def units(module: nn.Module, wrap: WrapPolicy) -> list[nn.Module]:
     """The modules to shard on their own, children first, root excluded; none that would split a tie."""
     chosen = _policy(wrap, module)
     homes: dict[int, set[int]] = {}  # parameter -> modules holding it directly
@@ -91,7 +91,7 @@ def _units(module: nn.Module, wrap: WrapPolicy) -> list[nn.Module]:
         for p in sub._parameters.values():
             if p is not None:
                 homes.setdefault(id(p), set()).add(id(sub))
-    units, split = [], []
+    chosen_units, split = [], []
     for path, sub in post_order(module):
         if sub is module or not chosen(sub):
             continue
@@ -100,14 +100,14 @@ def _units(module: nn.Module, wrap: WrapPolicy) -> list[nn.Module]:
         if tied_out:
             split.append(f"'{path}' ({', '.join(tied_out)})")
             continue
-        units.append(sub)
+        chosen_units.append(sub)
     if split and wrap is not None:
         warnings.warn(
             f"Not sharding {', '.join(split)} as their own FSDP groups: these parameters are tied to modules outside "
             "them, and a tie must live in one group. They are sharded with their parent instead.",
             stacklevel=4,
         )
-    return units
+    return chosen_units
 
 
 def _policy(wrap: WrapPolicy, root: nn.Module) -> Callable[[nn.Module], bool]:

@@ -19,12 +19,12 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from torchinit.init.record import records_of
+from torchinit.core.placement import is_distributed, local_part
 from torchinit.materialize.inits import post_order
-from torchinit.materialize.materialize import _swap_in, materialize
-from torchinit.materialize.placement import is_distributed, local_part
+from torchinit.materialize.materialize import materialize, swap_in
 from torchinit.materialize.verify import tie_groups, verify
 from torchinit.plan import ModelParallelStrategy, Plan
+from torchinit.record.recording import records_of
 from torchinit.strategies import fsdp, tp_plan
 
 MESH_NAMES = ("data_parallel", "tensor_parallel")
@@ -142,7 +142,7 @@ def _materialize_by_module(module: nn.Module, plan: Plan, recorded) -> None:
             full = table[name]
             local = local_part(t, full.detach())
             fresh = torch.empty_like(t, device=plan.device, dtype=full.dtype)
-            _swap_in(t, fresh)
+            swap_in(t, fresh)
             with torch.no_grad():
                 t.to_local().copy_(local)
             table[name] = t

@@ -9,10 +9,11 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from torchinit.init.record import records_of
-from torchinit.materialize import unwritten
+from torchinit.core.compat import tree_map
 from torchinit.materialize.materialize import materialize
 from torchinit.plan import Plan
+from torchinit.record import pending
+from torchinit.record.recording import records_of
 from torchinit.strategies import ddp, deepspeed, fsdp, model_parallel
 
 
@@ -46,7 +47,7 @@ def setup_module(module: nn.Module, plan: Plan, mesh=None) -> tuple[FabricModule
             f"to {plan.device}.",
             stacklevel=3,
         )
-    empty = unwritten.unwritten_names(module)
+    empty = pending.unwritten_names(module)
     if plan.strategy == "fsdp":
         return FabricModule(module, plan), fsdp.shard(module, plan, plan.options)
     if plan.strategy == "model_parallel":
@@ -127,7 +128,7 @@ class FabricModule(nn.Module):
 
 
 def _cast_floating(tree, dtype: torch.dtype):
-    return torch.utils._pytree.tree_map(
+    return tree_map(
         lambda x: x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x, tree
     )
 

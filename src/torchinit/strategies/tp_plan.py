@@ -20,9 +20,10 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-from torchinit.materialize.placement import is_distributed
+from torchinit.core.placement import is_distributed
 from torchinit.materialize.verify import Ties, tie_groups
 from torchinit.plan import Plan
+from torchinit.strategies import fsdp
 
 STYLES: dict[str, Callable[[], object]] = {
     "colwise": ColwiseParallel,
@@ -87,13 +88,11 @@ def parallelize_fn_for(module: nn.Module, mesh: DeviceMesh, plan: Plan) -> Calla
         else MixedPrecisionPolicy()
 
     def parallelize(model: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        from torchinit.strategies import fsdp
-
         ties = tie_groups(model)
         if device_mesh["tensor_parallel"].size() > 1:
             parallelize_module(model, device_mesh["tensor_parallel"], known)
             retie(model, ties)
-        for unit in [*fsdp._units(model, None), model]:
+        for unit in [*fsdp.units(model, None), model]:
             fully_shard(unit, mesh=device_mesh["data_parallel"], mp_policy=mixed)
         return model
 

@@ -1,4 +1,4 @@
-"""What a record holds (init/record.py writes it, materialize/replay.py runs it): plain data, no fake tensors."""
+"""What a record holds (init/record.py writes it, record/replay.py runs it): plain data, no fake tensors."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from torchinit.core.errors import RecordError
 
-class RecordError(RuntimeError):
-    """An operation that cannot be recorded for replay; the message names the module and the op."""
+__all__ = ["Alias", "Const", "Gen", "Op", "Record", "RecordError", "Ref"]
 
 
 @dataclass(frozen=True)

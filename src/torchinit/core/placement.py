@@ -9,9 +9,19 @@ from __future__ import annotations
 
 import torch
 
+from torchinit.core import compat
+
+__all__ = ["is_distributed", "local_box", "local_part", "local_tensor"]
+
 
 def is_distributed(t: torch.Tensor) -> bool:
+    """Whether `t` is a DTensor (a sharded or replicated parameter of FSDP2 / tensor parallel)."""
     return hasattr(t, "placements") and hasattr(t, "device_mesh")
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The memory this rank holds for `t`: a DTensor's local shard, any other tensor itself."""
+    return t.to_local() if is_distributed(t) else t
 
 
 def _check(t: torch.Tensor) -> None:
@@ -37,36 +47,24 @@ def _coordinate(target: torch.Tensor) -> list[int]:
 def local_part(target: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """This rank's part of the full `value` laid out as `target` (a DTensor) is: mesh dimension by mesh dimension,
     each Shard/_StridedShard split as `distribute_tensor` splits it (torch.chunk layout), Replicate kept whole."""
-    from torch.distributed.tensor.placement_types import Shard, _StridedShard
-
     _check(target)
     if tuple(value.shape) != tuple(target.shape):
         raise ValueError(f"the full value has shape {tuple(value.shape)}, the DTensor {tuple(target.shape)}")
     mesh, local = target.device_mesh, value.detach()
     for d, (placement, index) in enumerate(zip(target.placements, _coordinate(target), strict=True)):
-        if isinstance(placement, (Shard, _StridedShard)):  # (`is_shard()` is False for _StridedShard)
-            local = _split(placement, local, mesh.size(d), index)
+        if isinstance(placement, compat.shard_placements()):
+            local = compat.split_part(placement, local, mesh.size(d), index)
     return local
-
-
-def _split(placement, tensor: torch.Tensor, parts: int, index: int) -> torch.Tensor:
-    """Part `index` of `tensor` split into `parts` as the placement splits it, as a view (no copy)."""
-    if hasattr(placement, "_select_split_tensor"):  # torch >= 2.9
-        return placement._select_split_tensor(tensor, parts, index, with_padding=False, contiguous=False, clone=False)
-    return placement._split_tensor(tensor, parts, with_padding=False, contiguous=False)[0][index]
 
 
 def local_box(target: torch.Tensor) -> tuple[tuple[int, int], ...]:
     """(start, length) per dimension of this rank's part of `target` (a DTensor) in the full tensor: one block
     (a shard of a shard of one dimension, in either order, is one run of rows)."""
     _check(target)
-    try:
-        from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
-    except ImportError:  # torch < 2.9: read the box off the split itself
+    computed = compat.local_shape_and_offset(target, _coordinate(target))
+    if computed is None:  # torch < 2.9: read the box off the split itself
         return _box_from_indices(target)
-    coordinate = _coordinate(target)
-    shape, offset = _compute_local_shape_and_global_offset(target.shape, target.device_mesh.shape,
-                                                           lambda d: coordinate[d], target.placements)
+    shape, offset = computed
     if tuple(shape) != tuple(target.to_local().shape):
         raise ValueError(f"cannot place this rank's part of a DTensor with placements {target.placements}: its "
                          f"local shape {tuple(target.to_local().shape)} is not the computed {tuple(shape)}.")

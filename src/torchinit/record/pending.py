@@ -12,6 +12,9 @@ Three guards keep garbage from being used:
 2. `fabric.setup` materializes, which does the same for a model that was never loaded;
 3. a forward pass through a module whose parameters are still unwritten replays their recorded init (a model
    built by `fabric.init_module(empty_init=True)`), or, without a record, raises, naming all of them.
+
+The guards fill tensors through the materialization chain, which lives a layer above (materialize/): it
+registers itself here as the filler (`set_filler`) when it is imported, so this layer never imports it.
 """
 
 from __future__ import annotations
@@ -21,10 +24,40 @@ import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
+
+from torchinit.core.errors import UsageError
+from torchinit.record.recording import records_of
+
+__all__ = ["Filler", "fill", "is_pending", "mark_written", "pending_restorer", "set_filler", "track",
+           "unwritten_names"]
+
+
+class Filler(Protocol):
+    """What gives pending (and meta) tensors of a module their values: `torchinit.materialize`."""
+
+    def __call__(self, module: nn.Module, device: Any = None, dtype: torch.dtype | None = None, *,
+                 check_values: bool = True) -> Any:
+        """Fill `module`'s tensors that need a value; return a report with `from_record` / `from_init` names."""
+
+
+_FILLER: list[Filler] = []
+
+
+def set_filler(filler: Filler) -> None:
+    """Install the materialization chain (done once, by materialize/materialize.py when it is imported)."""
+    _FILLER[:] = [filler]
+
+
+def fill(module: nn.Module, device: Any = None, dtype: torch.dtype | None = None, *, check_values: bool = True) -> Any:
+    """Give every tensor of `module` that needs a value one, through the installed filler."""
+    if not _FILLER:
+        raise UsageError("No materializer is installed: import torchinit (its materialize layer registers itself).")
+    return _FILLER[0](module, device, dtype, check_values=check_values)
 
 
 @dataclass
@@ -101,9 +134,7 @@ def pending_restorer(param: torch.Tensor) -> Callable[[], None]:
 def _after_load(module: nn.Module, incompatible_keys) -> None:
     if not unwritten_names(module):
         return
-    from torchinit.materialize.materialize import materialize
-
-    report = materialize(module, check_values=False)
+    report = fill(module, check_values=False)
     warnings.warn(
         f"load_state_dict did not provide {len(report.from_record) + len(report.from_init)} parameter(s) of a model "
         f"built with empty_init=True; instead of being left as uninitialized memory they were initialized: "
@@ -131,19 +162,15 @@ def _guard_forward(owner: nn.Module) -> None:
             return
         root = _PENDING[own[0]].root()
         pending = [(name, p) for name, p in _tensors(root) if is_pending(p)] if root is not None else []
-        from torchinit.init.record import records_of  # (init/context.py imports this module)
-
         recorded = records_of(root) if root is not None else None
         if pending and recorded is not None and all(recorded.covers(p) for _, p in pending):
-            from torchinit.materialize.materialize import materialize
-
-            report = materialize(root, check_values=False)
+            report = fill(root, check_values=False)
             warnings.warn(f"forward() of {type(module).__name__} found {len(pending)} parameter(s) built with "
                           "empty_init=True that nothing wrote; they were initialized " + _sources(report), stacklevel=3)
             handles[0].remove()
             return
         names = [name for name, _ in pending]
-        raise RuntimeError(
+        raise UsageError(
             f"forward() of {type(module).__name__} would read uninitialized memory: these tensors were built "
             f"with empty_init=True and nothing wrote them since: {', '.join(names)}. Load a checkpoint "
             "(model.load_state_dict), or call fabric.setup(model) / torchinit.materialize(model) "

@@ -1,4 +1,4 @@
-"""Replay a record (init/record.py) on real memory: the recorded init's values, bit for bit, on the device.
+"""Replay a record (init/record.py writes it) on real memory: the recorded init's values, bit for bit, on the device.
 
 1. The random generators are set to their states at record start (the user's states are restored after).
 2. The ops run in recorded order on the record's device (CPU and CUDA draw different random numbers), in the
@@ -13,18 +13,17 @@ for targets not asked for yet are kept until they are.
 
 from __future__ import annotations
 
-import weakref
-from collections.abc import Iterable
 from contextlib import contextmanager
 
 import torch
-import torch.utils._pytree as pytree
 
-from torchinit.init.record import Alias, Const, Gen, Record, Ref
-from torchinit.materialize.placement import is_distributed, local_part
+from torchinit.core.compat import tree_leaves, tree_map
+from torchinit.record.data import Alias, Const, Gen, Record, Ref
+
+__all__ = ["Replayer", "backward_slice", "evaluate", "generator_states"]
 
 
-class _Replayer:
+class Replayer:
     """Runs a record's ops, in order, from a cursor; holds the real tensor of each node while it is needed.
 
     Memory lives only while its value can still be read: after the last op touching it (its value is then
@@ -91,7 +90,7 @@ class _Replayer:
             self.peak = max(self.peak, self.held)
 
     def _keep_outputs(self, nodes, out) -> None:
-        leaves = [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
+        leaves = [x for x in tree_leaves(out) if isinstance(x, torch.Tensor)]
         for node, leaf in zip(nodes, leaves, strict=False):
             if node is not None:
                 self._keep(node, leaf)
@@ -113,7 +112,7 @@ class _Replayer:
                 return self.record.generators[x.index]
             return x
 
-        return pytree.tree_map(one, tree)
+        return tree_map(one, tree)
 
     def run(self, stop: int, finished) -> None:
         """Run ops up to `stop`; `finished(memory)` once no later op touches it (then it is freed)."""
@@ -163,11 +162,12 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(before)
 
 
-def slice_for(record: Record, memories: set[int]) -> set[int]:
+def backward_slice(record: Record, memories: set[int], every_draw: bool = False) -> set[int]:
     """The ops that the final values of `memories` depend on: every op writing memory that a chosen op reads (or
     a wanted memory), and, once a chosen op draws random numbers, every earlier op that draws (so the draws come
-    out of the generators exactly as in eager). Replaying only these gives the same values as replaying all."""
-    need, chosen, drawing = set(memories), set(), False
+    out of the generators exactly as in eager). Replaying only these gives the same values as replaying all.
+    `every_draw`: every op that draws is chosen (the generators' states, not only some values, are wanted)."""
+    need, chosen, drawing = set(memories), set(), every_draw
     for i in range(len(record.ops) - 1, -1, -1):
         op = record.ops[i]
         if (drawing and op.random) or not need.isdisjoint(op.writes):
@@ -180,7 +180,7 @@ def slice_for(record: Record, memories: set[int]) -> set[int]:
 def evaluate(record: Record, ref: Ref | Alias) -> torch.Tensor:
     """The real value of one recorded tensor now (for `.item()` while recording): a replay of the record so far,
     freeing memory as it goes, that keeps a copy of the value when its memory is finished."""
-    replayer, found = _Replayer(record), []
+    replayer, found = Replayer(record), []
     wanted = record.memory_of[ref.node]
 
     def finished(memory: int) -> None:
@@ -194,149 +194,6 @@ def evaluate(record: Record, ref: Ref | Alias) -> torch.Tensor:
 def generator_states(record: Record) -> dict[int, torch.Tensor]:
     """The generators' states after the record so far (for `torch.get_rng_state` while recording): a replay of
     the ops that draw or re-seed and of those they read."""
-    need, chosen = set(), set()
-    for i in range(len(record.ops) - 1, -1, -1):
-        op = record.ops[i]
-        if op.random or not need.isdisjoint(op.writes):
-            chosen.add(i)
-            need.update(op.memory)
-    replayer = _Replayer(record, only=chosen)
+    replayer = Replayer(record, only=backward_slice(record, set(), every_draw=True))
     replayer.run(len(record.ops), lambda memory: None)
     return dict(replayer.rng)
-
-
-class Recording:
-    """A record bound to its placeholder tensors: the `RecordedInit` that `materialize` replays."""
-
-    def __init__(self, record: Record, targets: dict[int, tuple[torch.Tensor, Ref | Alias]],
-                 loose: dict[int, tuple[weakref.ref, str]], sliced: bool = False):
-        self.record = record
-        self.sliced = sliced  # empty init: each replay runs only the ops its targets need (the rest was loaded)
-        self.targets = targets  # id(placeholder) -> (placeholder, value reference)
-        self.loose = loose  # id(placeholder) -> (module, attribute): plain tensor attributes, set when replayed
-        self.cache: dict[int, torch.Tensor] = {}  # finished values of targets not asked for yet
-        self._replayer: _Replayer | None = None
-        self.peak_bytes = 0  # the most memory a replay held besides the targets (a diagnostic)
-        self.final_rng: dict[int, torch.Tensor] | None = None
-        self.dtype: torch.dtype | None = None  # the dtype the record's placeholders were made in
-
-    @property
-    def alive(self) -> bool:
-        return len(self.targets) > len(self.loose)
-
-    def covers(self, tensor: torch.Tensor) -> bool:
-        entry = self.targets.get(id(tensor))
-        return entry is not None and entry[0] is tensor
-
-    def rebind(self, old: torch.Tensor, new: torch.Tensor) -> None:
-        """`new` replaces the placeholder `old` (FSDP or TP made a sharded Parameter from it, or model parallel a full
-        placeholder to init before keeping its part)."""
-        entry = self.targets.pop(id(old), None)
-        if entry is not None:
-            self.targets[id(new)] = (new, entry[1])
-            if id(old) in self.cache:  # finished while replaying for other targets
-                self.cache[id(new)] = self.cache.pop(id(old))
-
-    def replay(self, targets: dict[str, torch.Tensor]) -> None:
-        """Write the recorded values into `targets` (tensors this record covers, with memory now)."""
-        wanted = {id(t): t for t in targets.values() if self.covers(t)}
-        if self.sliced:
-            self._replay_slice(wanted)
-            return
-        for key in [k for k in wanted if k in self.cache]:
-            _write(wanted.pop(key), self.cache.pop(key))
-            del self.targets[key]
-        last = len(self.targets) == len(self.loose) + len(wanted)  # after these, only loose attributes remain
-        if not wanted and not last:
-            return
-        if self._replayer is None:
-            self._replayer = _Replayer(self.record)
-        replayer = self._replayer
-        by_memory: dict[int, list[int]] = {}
-        for key, (_, ref) in self.targets.items():
-            by_memory.setdefault(self.record.memory_of[ref.node], []).append(key)
-
-        def finished(memory: int) -> None:
-            for key in by_memory.get(memory, ()):
-                value = replayer.value(self.targets[key][1])
-                if key in self.loose:
-                    _set_loose(*self.loose.pop(key), self.targets.pop(key)[0], value)
-                elif key in wanted:
-                    _write(wanted.pop(key), value)
-                    del self.targets[key]
-                else:
-                    self.cache[key] = value
-
-        if last:
-            stop = len(self.record.ops)
-        else:
-            stop = 1 + max(replayer.finish_at[self.record.memory_of[self.targets[k][1].node]] for k in wanted)
-        replayer.run(stop, finished)
-        self.peak_bytes = max(self.peak_bytes, replayer.peak)
-        if last:  # where eager leaves the random streams (init_module() moves the user's there)
-            self.final_rng = dict(replayer.rng)
-        if not self.targets:  # every value handed out: free the record's memory
-            self._replayer = None
-            self.cache.clear()
-            self.record.ops.clear()
-            self.record.consts.clear()
-
-
-    def _replay_slice(self, wanted: dict[int, torch.Tensor]) -> None:
-        """Replay only the ops the wanted targets depend on, from the start; the other targets keep their record
-        (something else wrote them, or a later replay will)."""
-        if not wanted:
-            return
-        by_memory: dict[int, list[int]] = {}
-        for key in wanted:
-            by_memory.setdefault(self.record.memory_of[self.targets[key][1].node], []).append(key)
-        replayer = _Replayer(self.record, slice_for(self.record, set(by_memory)))
-
-        def finished(memory: int) -> None:
-            for key in by_memory.get(memory, ()):
-                value = replayer.value(self.targets[key][1])
-                if key in self.loose:
-                    _set_loose(*self.loose.pop(key), self.targets[key][0], value)
-                else:
-                    _write(wanted[key], value)
-                del self.targets[key]
-
-        replayer.run(len(self.record.ops), finished)
-        self.peak_bytes = max(self.peak_bytes, replayer.peak)
-        if not self.targets:
-            self.record.ops.clear()
-            self.record.consts.clear()
-
-
-def _set_loose(module_ref: weakref.ref, name: str, placeholder: torch.Tensor, value: torch.Tensor) -> None:
-    """A plain tensor attribute gets its eager value (device and dtype as recorded: `Module.to` skips these)."""
-    module = module_ref()
-    if module is not None and vars(module).get(name) is placeholder:
-        object.__setattr__(module, name, value)
-
-
-def _write(target: torch.Tensor, value: torch.Tensor) -> None:
-    """Copy a full value into a target; a DTensor (FSDP2 / tensor-parallel shard) keeps only its own part."""
-    with torch.no_grad():
-        if is_distributed(target):
-            target.to_local().copy_(local_part(target, value))
-        else:
-            target.copy_(value)
-
-
-class Recordings:
-    """Several records (modules built in separate record contexts), each replaying its own tensors."""
-
-    def __init__(self, recordings: Iterable[Recording]):
-        self.recordings = list(recordings)
-
-    def covers(self, tensor: torch.Tensor) -> bool:
-        return any(r.covers(tensor) for r in self.recordings)
-
-    def rebind(self, old: torch.Tensor, new: torch.Tensor) -> None:
-        for r in self.recordings:
-            r.rebind(old, new)
-
-    def replay(self, targets: dict[str, torch.Tensor]) -> None:
-        for r in self.recordings:
-            r.replay({name: t for name, t in targets.items() if r.covers(t)})

@@ -1,0 +1,28 @@
+"""What `Module.to(dtype)` does to a module's tensors: the one dtype rule every layer applies."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["module_dtype", "own_apply"]
+
+
+def module_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype `t` gets from `module.to(dtype)`: floating and complex tensors take `dtype` (torch casts a complex
+    one to a real dtype too, dropping its imaginary part, with its own warning); the others keep theirs."""
+    return dtype if dtype is not None and (t.is_floating_point() or t.is_complex()) else t.dtype
+
+
+def own_apply(modules: list[nn.Module], dtype: torch.dtype | None) -> None:
+    """Modules that override `Module._apply` decide for themselves what `model.to(dtype)` does to them (timm's
+    rotary embeddings keep their bands in fp32 and recompute them): run eager's `.to(dtype)` on those, once
+    their values are there. For every other module the cast is plain, and already done."""
+    if dtype is None:
+        return
+    for module in modules:
+        if type(module)._apply is not nn.Module._apply and all(
+            t.device.type != "meta" and type(t) in (torch.Tensor, nn.Parameter)
+            for t in [*module.parameters(), *module.buffers()]
+        ):
+            module.to(dtype)
