@@ -1,8 +1,8 @@
 """torchinit: build and load PyTorch models of any size, exactly and at hardware speed."""
 
 from torchinit.checkpoint.formats import Checkpoint, open_checkpoint
+from torchinit.checkpoint.header import CheckpointError
 from torchinit.checkpoint.load import LoadReport, load_checkpoint
-from torchinit.checkpoint.safetensors import CheckpointError
 from torchinit.fabric import Fabric, seed_everything
 from torchinit.init.context import InitContext, nan_poison
 from torchinit.init.record import RecordContext, RecordError

@@ -22,7 +22,7 @@ from torch import nn
 
 from torchinit.checkpoint.dcp import DcpEntry
 from torchinit.checkpoint.formats import Checkpoint
-from torchinit.checkpoint.safetensors import CheckpointError
+from torchinit.checkpoint.header import CheckpointError
 
 SEP = "\x00"  # between a parameter's id and a state key in `SavedOptimizer.tensors`
 

@@ -21,7 +21,7 @@ import torch
 
 from torchinit.checkpoint import safetensors
 from torchinit.checkpoint.dcp import DcpEntry, dcp_metadata, dcp_paths, read_dcp
-from torchinit.checkpoint.safetensors import CheckpointError, Entry
+from torchinit.checkpoint.header import CheckpointError, Entry
 from torchinit.materialize.placement import is_distributed, local_box
 
 NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module")

@@ -7,7 +7,7 @@ import argparse
 from collections import Counter
 
 from torchinit.checkpoint.formats import open_checkpoint
-from torchinit.checkpoint.safetensors import CheckpointError
+from torchinit.checkpoint.header import CheckpointError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from torchinit.checkpoint.formats import Checkpoint, open_checkpoint
-from torchinit.checkpoint.safetensors import CheckpointError
+from torchinit.checkpoint.header import CheckpointError
 from torchinit.materialize.materialize import materialize
 from torchinit.strategies import deepspeed
 

@@ -24,8 +24,8 @@ from torchinit.checkpoint import sharded, zero
 from torchinit.checkpoint.convert import SavedOptimizer, param_groups, restore_flat, restore_fsdp, restore_plain
 from torchinit.checkpoint.dcp import dcp_metadata, dcp_paths
 from torchinit.checkpoint.formats import Checkpoint, open_checkpoint
+from torchinit.checkpoint.header import CheckpointError
 from torchinit.checkpoint.load import LoadReport, load_into, match
-from torchinit.checkpoint.safetensors import CheckpointError
 from torchinit.strategies import deepspeed as ds
 
 

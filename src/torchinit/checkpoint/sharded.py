@@ -28,8 +28,8 @@ from torch import nn
 
 from torchinit.checkpoint.dcp import dcp_failures, dcp_metadata, dcp_paths
 from torchinit.checkpoint.formats import open_checkpoint
+from torchinit.checkpoint.header import CheckpointError
 from torchinit.checkpoint.load import load_into, match
-from torchinit.checkpoint.safetensors import CheckpointError
 from torchinit.checkpoint.save import exchange, fsync_folder, save_failure
 from torchinit.strategies import deepspeed as ds
 from torchinit.strategies.single import FabricModule

@@ -28,7 +28,7 @@ import torch
 
 from torchinit.checkpoint.convert import SEP, SavedOptimizer
 from torchinit.checkpoint.formats import Checkpoint, _local_rows
-from torchinit.checkpoint.safetensors import CheckpointError
+from torchinit.checkpoint.header import CheckpointError
 
 _DEEPSPEED_CLASSES = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
                       "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
