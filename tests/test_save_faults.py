@@ -25,7 +25,7 @@ import torchinit
 from torchinit.checkpoint import safetensors as reader
 from torchinit.checkpoint.dcp import dcp_metadata, read_dcp
 from torchinit.checkpoint.formats import open_checkpoint
-from torchinit.checkpoint.load import load_into
+from torchinit.checkpoint.load_model import load_into
 from torchinit.materialize import unwritten
 from torchinit.models import Llama, config_for
 

@@ -2,7 +2,7 @@
 
 from torchinit.checkpoint.formats import Checkpoint, open_checkpoint
 from torchinit.checkpoint.header import CheckpointError
-from torchinit.checkpoint.load import LoadReport, load_checkpoint
+from torchinit.checkpoint.load_model import LoadReport, load_checkpoint
 from torchinit.fabric import Fabric, seed_everything
 from torchinit.init.context import InitContext, nan_poison
 from torchinit.init.record import RecordContext, RecordError

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from torchinit.checkpoint.formats import _local_rows
-from torchinit.checkpoint.sharded import _agree, _save_folder, _split
+from torchinit.checkpoint.sharded_state import _agree, _save_folder, _split
 from torchinit.strategies.deepspeed import _partition_range
 
 DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",

@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from torchinit.checkpoint.convert import SEP, SavedOptimizer
 from torchinit.checkpoint.formats import Checkpoint, _local_rows
 from torchinit.checkpoint.header import CheckpointError
+from torchinit.checkpoint.optim_state import SEP, SavedOptimizer
 
 _DEEPSPEED_CLASSES = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
                       "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",

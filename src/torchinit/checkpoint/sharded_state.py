@@ -29,7 +29,7 @@ from torch import nn
 from torchinit.checkpoint.dcp import dcp_failures, dcp_metadata, dcp_paths
 from torchinit.checkpoint.formats import open_checkpoint
 from torchinit.checkpoint.header import CheckpointError
-from torchinit.checkpoint.load import load_into, match
+from torchinit.checkpoint.load_model import load_into, match
 from torchinit.checkpoint.save import exchange, fsync_folder, save_failure
 from torchinit.strategies import deepspeed as ds
 from torchinit.strategies.single import FabricModule
@@ -141,7 +141,7 @@ def save_deepspeed(path: str | os.PathLike, state: dict[str, Any], engine: ds.En
 
 def load_deepspeed(path: str | os.PathLike, state: dict[str, Any], strict: bool,
                    engine: ds.Engine | None) -> dict[str, Any]:
-    """Load a folder `save_deepspeed` wrote through the engine (same world size and ZeRO stage; restore.py
+    """Load a folder `save_deepspeed` wrote through the engine (same world size and ZeRO stage; load_state.py
     converts the others). The optimizer state is loaded when `state` holds the optimizer. Returns the values not
     in `state`."""
     path = Path(path)
