@@ -1,8 +1,9 @@
 """torchinit: build and load PyTorch models of any size, exactly and at hardware speed."""
 
-from torchinit.checkpoint.formats import Checkpoint, open_checkpoint
+from torchinit.checkpoint.base import Checkpoint
 from torchinit.checkpoint.header import CheckpointError
 from torchinit.checkpoint.load_model import LoadReport, load_checkpoint
+from torchinit.checkpoint.opener import open_checkpoint
 from torchinit.fabric import Fabric, seed_everything
 from torchinit.init.context import InitContext, nan_poison
 from torchinit.init.record import RecordContext, RecordError

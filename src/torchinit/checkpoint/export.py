@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from torchinit.checkpoint.formats import _local_rows
+from torchinit.checkpoint.base import local_rows
 from torchinit.checkpoint.sharded_state import _agree, _save_folder, _split
 from torchinit.strategies.deepspeed import _partition_range
 
@@ -131,7 +131,7 @@ def _my_pieces(t: torch.Tensor, rank: int) -> list[tuple[int, torch.Tensor]]:
         return [(start * t.dtype.itemsize, t.ds_tensor.data[:end - start])] if end > start else []
     placements = getattr(t, "placements", None)
     if placements is not None and any(p.is_shard() for p in placements):
-        rows = _local_rows(t)  # FSDP2: this rank's rows (refuses other layouts)
+        rows = local_rows(t)  # FSDP2: this rank's rows (refuses other layouts)
         local = t.to_local().detach()
         row = math.prod(t.shape[1:]) * t.dtype.itemsize
         return [(rows[0] * row, local)] if rows[1] > rows[0] else []

@@ -1,7 +1,7 @@
 """Load a checkpoint into any model (real, empty-init or meta): match keys, check shapes, then let
 `materialize` do the rest, with the checkpoint as the first source. The report says what happened.
 
-1. Open the checkpoint (formats.py): keys, shapes, dtypes; no data read yet.
+1. Open the checkpoint (opener.py): keys, shapes, dtypes; no data read yet.
 2. Match its keys to the model's state-dict keys: an explicit `key_map` first, then a prefix (`module.`,
    `_orig_mod.`, `model.`) removed or added when that alone makes more keys match and no other choice does as
    well. A tied parameter is loaded when any of its names is in the checkpoint.
@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from torchinit.checkpoint.formats import Checkpoint, open_checkpoint
+from torchinit.checkpoint.base import Checkpoint
 from torchinit.checkpoint.header import CheckpointError
+from torchinit.checkpoint.opener import open_checkpoint
 from torchinit.materialize.materialize import materialize
 from torchinit.strategies import deepspeed
 

@@ -21,10 +21,11 @@ import torch
 from torch import nn
 
 from torchinit.checkpoint import sharded_state, zero
+from torchinit.checkpoint.base import Checkpoint
 from torchinit.checkpoint.dcp import dcp_metadata, dcp_paths
-from torchinit.checkpoint.formats import Checkpoint, open_checkpoint
 from torchinit.checkpoint.header import CheckpointError
 from torchinit.checkpoint.load_model import LoadReport, load_into, match
+from torchinit.checkpoint.opener import open_checkpoint
 from torchinit.checkpoint.optim_state import SavedOptimizer, param_groups, restore_flat, restore_fsdp, restore_plain
 from torchinit.strategies import deepspeed as ds
 

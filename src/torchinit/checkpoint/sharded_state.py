@@ -26,10 +26,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from torchinit.checkpoint.dcp import dcp_failures, dcp_metadata, dcp_paths
-from torchinit.checkpoint.formats import open_checkpoint
+from torchinit.checkpoint.dcp import dcp_failures, dcp_metadata, dcp_paths, read_dcp
 from torchinit.checkpoint.header import CheckpointError
 from torchinit.checkpoint.load_model import load_into, match
+from torchinit.checkpoint.opener import open_checkpoint
 from torchinit.checkpoint.save import exchange, fsync_folder, save_failure
 from torchinit.strategies import deepspeed as ds
 from torchinit.strategies.single import FabricModule
@@ -78,8 +78,6 @@ def load_fsdp(path: str | os.PathLike, state: dict[str, Any], strict: bool, devi
     """Load a DCP folder into the (sharded or plain) modules and optimizers of `state`; each rank reads only
     its shards. Everything is checked before anything changes. Returns the values not in `state`."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-
-    from torchinit.checkpoint.dcp import read_dcp
 
     path = Path(path)
     if not (path / ".metadata").is_file():

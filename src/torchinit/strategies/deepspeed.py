@@ -36,7 +36,7 @@ from torchinit.materialize.memory import Need, check_fits, work_nbytes
 from torchinit.plan import DeepSpeedStrategy, Plan, module_dtype
 
 if TYPE_CHECKING:
-    from torchinit.checkpoint.formats import Checkpoint
+    from torchinit.checkpoint.base import Checkpoint
 
 
 def _deepspeed():
