@@ -27,8 +27,8 @@ from torch import nn
 from torchinit.checkpoint.base import Checkpoint
 from torchinit.checkpoint.header import CheckpointError
 from torchinit.checkpoint.opener import open_checkpoint
+from torchinit.checkpoint.partitions import load_partitions
 from torchinit.materialize.materialize import materialize
-from torchinit.strategies import deepspeed
 
 PREFIXES = ("module.", "_orig_mod.", "model.")
 
@@ -93,7 +93,7 @@ def load_into(
     view.allow_nonfinite, view.direct_io = allow_nonfinite, checkpoint.direct_io
     view.inf_ok = frozenset(k for k, v in module.state_dict(keep_vars=True).items() if id(v) not in params)
     if any(hasattr(p, "ds_id") for p in module.parameters()):  # ZeRO-3 partitions: each rank its slice
-        report.bytes = deepspeed.load_partitions(module, view)
+        report.bytes = load_partitions(module, view)
     else:
         result = materialize(module, device, dtype, checkpoint=view)
         report.initialized, report.bytes = result.from_init, view.bytes_read
