@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import random
 from collections.abc import Callable, Iterator
@@ -307,19 +308,24 @@ class Fabric:
             raise RuntimeError("launch() was already called on this Fabric.")
         ranks = launcher.from_group(self.plan)
         if ranks is not None:  # a process group made by the caller: used as it is, left to the caller to end
-            self._join(ranks, None)
+            self.join_process_group(ranks, None)
             return fn(self, *args) if fn is not None else None
         ranks = launcher.from_environment(self.plan)
         if ranks is not None:
-            self._join(ranks, f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}")
+            self.join_process_group(ranks, f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}")
             atexit.register(launcher.leave_group)
         elif fn is not None:
-            return launcher.spawn(self._args, self.plan, fn, args)
+            return launcher.spawn(functools.partial(type(self), **self._args), self.plan, fn, args)
         else:
-            self._join(*launcher.start_script_ranks(self.plan))
+            self.join_process_group(*launcher.start_script_ranks(self.plan))
         return fn(self, *args) if fn is not None else None
 
-    def _join(self, ranks: launcher.Ranks, init_method: str) -> None:
+    def join_process_group(self, ranks: launcher.Ranks, init_method: str | None) -> None:
+        """Make this Fabric the process `ranks` says (its device set from the local rank) and join the process
+        group at `init_method` (a `torch.distributed` URL: "tcp://host:port", "file:///path"), or, with None,
+        use the group the caller already made. `launch()` calls it in every way it starts or joins processes;
+        call it yourself only to join processes started another way. Under model parallel it also makes the
+        device mesh (collective: every rank must call it)."""
         self.plan = launcher.join(self.plan, ranks, init_method)
         self._ranks, self._launched = ranks, True
         if self.plan.strategy == "model_parallel":  # every rank, now: making the mesh is collective
