@@ -122,7 +122,8 @@ def _run(case: str, size: str, device: str, precision: str, folder: str) -> dict
     if case == "floor-h2d":
         prepared.to(device, non_blocking=True)
     elif case in ("floor-pread", "floor-odirect"):
-        from torchinit.checkpoint.safetensors import Entry, read_into
+        from torchinit.checkpoint.header import Entry
+        from torchinit.checkpoint.safetensors import read_into
 
         out = torch.empty(nbytes, dtype=torch.uint8)
         read_into([(Entry(path, torch.uint8, (nbytes,), 0, nbytes), out)], direct_io=case == "floor-odirect")

@@ -24,8 +24,8 @@ from test_distributed import deadline_guard
 import torchinit
 from torchinit.checkpoint import safetensors as reader
 from torchinit.checkpoint.dcp import dcp_metadata, read_dcp
-from torchinit.checkpoint.formats import open_checkpoint
-from torchinit.checkpoint.load import load_into
+from torchinit.checkpoint.load_model import load_into
+from torchinit.checkpoint.opener import open_checkpoint
 from torchinit.models import Llama, config_for
 from torchinit.record import pending as unwritten
 

@@ -1,7 +1,8 @@
 """torchinit: build and load PyTorch models of any size, exactly and at hardware speed."""
 
-from torchinit.checkpoint.formats import Checkpoint, open_checkpoint
-from torchinit.checkpoint.load import LoadReport, load_checkpoint
+from torchinit.checkpoint.base import Checkpoint
+from torchinit.checkpoint.load_model import LoadReport, load_checkpoint
+from torchinit.checkpoint.opener import open_checkpoint
 from torchinit.core.errors import (
     CheckpointError,
     ConfigurationError,

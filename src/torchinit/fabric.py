@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import random
 from collections.abc import Callable, Iterator
@@ -14,9 +15,9 @@ import torch.distributed as dist
 from torch import nn
 
 from torchinit import launch as launcher
-from torchinit.checkpoint import export, restore, sharded
+from torchinit.checkpoint import export, load_state, sharded_state
 from torchinit.checkpoint.header import CheckpointError
-from torchinit.checkpoint.load import load_checkpoint
+from torchinit.checkpoint.load_model import load_checkpoint
 from torchinit.checkpoint.save import save_state
 from torchinit.init.context import InitContext
 from torchinit.init.record import RecordContext
@@ -202,10 +203,10 @@ class Fabric:
         if format is not None:
             raise ValueError(f"format={format!r} is not supported: use None (the strategy's own) or 'safetensors'.")
         if self.plan.strategy in ("fsdp", "model_parallel"):  # DCP: each rank its shards, any placement
-            sharded.save_fsdp(path, state)
+            sharded_state.save_fsdp(path, state)
             return
         if self.plan.strategy == "deepspeed":
-            sharded.save_deepspeed(path, state, self._engine)
+            sharded_state.save_deepspeed(path, state, self._engine)
             return
         self._on_rank_zero(lambda: save_state(path, state), f"{os.fspath(path)}: rank 0 could not save it")
 
@@ -236,7 +237,7 @@ class Fabric:
         holds beyond `state` (everything, if `state` is None).
 
         `path` may be what `save` wrote under any strategy and world size (a file, a DCP folder, a DeepSpeed
-        folder, a safetensors file or folder): see checkpoint/restore.py. Under FSDP, model parallel (a DCP
+        folder, a safetensors file or folder): see checkpoint/load_state.py. Under FSDP, model parallel (a DCP
         folder also into another mesh shape) and DeepSpeed `state` is required and each rank reads only its own
         shards into the modules and optimizers given. `strict` also checks module keys. `allow_nonfinite` (one
         device / DDP): load NaN / +-inf module values instead of raising."""
@@ -250,10 +251,10 @@ class Fabric:
                                  "they belong to: pass state={'model': model, 'optimizer': optimizer, ...}.")
             dtype = ds.param_dtype(self.plan) if self.plan.strategy == "deepspeed" else self.plan.param_dtype
             target = "fsdp" if self.plan.strategy == "model_parallel" else self.plan.strategy  # DTensors either way
-            return restore.load(path, state, strict, target, self.device, dtype, self._engine)
+            return load_state.load(path, state, strict, target, self.device, dtype, self._engine)
         if state is None:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return restore.load(path, state, strict, "plain", self.device, self.plan.param_dtype,
+        return load_state.load(path, state, strict, "plain", self.device, self.plan.param_dtype,
                             allow_nonfinite=allow_nonfinite)
 
     # ---- load ------------------------------------------------------------------------------------
@@ -275,7 +276,7 @@ class Fabric:
                             " (under DeepSpeed the optimizer state loads with fabric.load).")
         module = obj.module if isinstance(obj, single.FabricModule) else obj
         if self.plan.strategy == "deepspeed":
-            return restore.load_module(path, module, strict, self.device, ds.param_dtype(self.plan), self._engine,
+            return load_state.load_module(path, module, strict, self.device, ds.param_dtype(self.plan), self._engine,
                                        allow_nonfinite)
         return load_checkpoint(module, path, strict=strict, device=self.device, dtype=self.plan.param_dtype,
                                allow_nonfinite=allow_nonfinite)
@@ -307,19 +308,24 @@ class Fabric:
             raise RuntimeError("launch() was already called on this Fabric.")
         ranks = launcher.from_group(self.plan)
         if ranks is not None:  # a process group made by the caller: used as it is, left to the caller to end
-            self._join(ranks, None)
+            self.join_process_group(ranks, None)
             return fn(self, *args) if fn is not None else None
         ranks = launcher.from_environment(self.plan)
         if ranks is not None:
-            self._join(ranks, f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}")
+            self.join_process_group(ranks, f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}")
             atexit.register(launcher.leave_group)
         elif fn is not None:
-            return launcher.spawn(self._args, self.plan, fn, args)
+            return launcher.spawn(functools.partial(type(self), **self._args), self.plan, fn, args)
         else:
-            self._join(*launcher.start_script_ranks(self.plan))
+            self.join_process_group(*launcher.start_script_ranks(self.plan))
         return fn(self, *args) if fn is not None else None
 
-    def _join(self, ranks: launcher.Ranks, init_method: str) -> None:
+    def join_process_group(self, ranks: launcher.Ranks, init_method: str | None) -> None:
+        """Make this Fabric the process `ranks` says (its device set from the local rank) and join the process
+        group at `init_method` (a `torch.distributed` URL: "tcp://host:port", "file:///path"), or, with None,
+        use the group the caller already made. `launch()` calls it in every way it starts or joins processes;
+        call it yourself only to join processes started another way. Under model parallel it also makes the
+        device mesh (collective: every rank must call it)."""
         self.plan = launcher.join(self.plan, ranks, init_method)
         self._ranks, self._launched = ranks, True
         if self.plan.strategy == "model_parallel":  # every rank, now: making the mesh is collective

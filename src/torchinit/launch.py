@@ -1,6 +1,7 @@
 """Processes: join the ones torchrun started, or start one per local device; then one process group.
 
-`Fabric.launch` comes in three ways:
+`Fabric.launch` comes in three ways (this module never imports Fabric: `spawn` is handed a factory that makes
+one, and each new process joins through the Fabric's public `join_process_group`):
 1. Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT set): join; the sizes must agree.
 2. `launch(fn, *args)`: spawn one process per local device running `fn(fabric, *args)`; rank 0's result comes
    back. If any rank raises, the others are terminated and the error is raised here: never a hang.
@@ -104,8 +105,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn(fabric_args: dict, plan: Plan, fn: Callable, args: tuple) -> Any:
-    """Run `fn(fabric, *args)` in one new process per local device; return rank 0's result.
+def spawn(make_fabric: Callable[[], Any], plan: Plan, fn: Callable, args: tuple) -> Any:
+    """Run `fn(fabric, *args)` in one new process per local device; return rank 0's result. `make_fabric()`
+    makes each process's Fabric (it must be picklable: the Fabric class with its arguments, `functools.partial`);
+    the Fabric then joins the group with `join_process_group(ranks, init_method)`.
 
     Results and errors travel through files in a temporary folder (a pipe would block a large result until the
     parent reads, and the parent reads after the join); the process group meets through a file store there
@@ -115,7 +118,7 @@ def spawn(fabric_args: dict, plan: Plan, fn: Callable, args: tuple) -> Any:
     count = len(plan.device_indices)
     with tempfile.TemporaryDirectory(prefix="torchinit-launch-") as folder:
         try:
-            mp.start_processes(_worker, args=(fabric_args, fn, args, folder, count), nprocs=count,
+            mp.start_processes(_worker, args=(make_fabric, fn, args, folder, count), nprocs=count,
                                start_method="spawn", join=True)
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as error:
             failures = sorted(_load(path) for path in Path(folder).glob("error-*.pkl"))
@@ -134,14 +137,13 @@ def _load(path: Path) -> Any:
     return pickle.loads(path.read_bytes())
 
 
-def _worker(local_rank: int, fabric_args: dict, fn: Callable, args: tuple, folder: str, count: int) -> None:
-    from torchinit.fabric import Fabric
-
+def _worker(local_rank: int, make_fabric: Callable[[], Any], fn: Callable, args: tuple, folder: str,
+            count: int) -> None:
     # torchrun's variables, for libraries that read them (DeepSpeed does)
     os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(count),
                       LOCAL_WORLD_SIZE=str(count))
-    fabric = Fabric(**fabric_args)
-    fabric._join(Ranks(local_rank, local_rank, 0, count), f"file://{folder}/store")
+    fabric = make_fabric()
+    fabric.join_process_group(Ranks(local_rank, local_rank, 0, count), f"file://{folder}/store")
     try:
         result = fn(fabric, *args)
         if local_rank == 0:

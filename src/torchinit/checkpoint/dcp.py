@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from torchinit.checkpoint.safetensors import CheckpointError
+from torchinit.checkpoint.header import CheckpointError
 
 
 @dataclass(frozen=True)

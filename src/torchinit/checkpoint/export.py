@@ -22,9 +22,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from torchinit.checkpoint.formats import _local_rows
-from torchinit.checkpoint.sharded import _agree, _save_folder, _split
-from torchinit.strategies.deepspeed import _partition_range
+from torchinit.checkpoint.base import local_rows
+from torchinit.checkpoint.sharded_state import agree, save_folder, split_state
+from torchinit.strategies.deepspeed import partition_range
 
 DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -37,7 +37,7 @@ def save_safetensors_folder(path: str | os.PathLike, state: dict[str, Any], max_
     """Write the one module in `state` as a safetensors folder that `from_pretrained` and `safetensors` read.
     Every rank must call it."""
     path = Path(path)
-    modules, optimizers, values = _split(state)
+    modules, optimizers, values = split_state(state)
     if len(modules) != 1 or optimizers or values:
         raise ValueError(f"{path}: format='safetensors' saves one module's tensors; this state has {sorted(state)}. "
                          "Save the model alone ({'model': model}), and the training state with the default format.")
@@ -60,7 +60,7 @@ def save_safetensors_folder(path: str | os.PathLike, state: dict[str, Any], max_
                         f.truncate(size)
             except Exception as exc:  # noqa: BLE001 - every rank must hear of it
                 error = exc
-        _agree(error, path)  # the files exist (or every rank raises) before anyone writes into them
+        agree(error, path)  # the files exist (or every rank raises) before anyone writes into them
         for name, (_, _, placed) in files.items():
             fd = os.open(folder / name, os.O_WRONLY)
             try:
@@ -75,7 +75,7 @@ def save_safetensors_folder(path: str | os.PathLike, state: dict[str, Any], max_
             if hasattr(config, "save_pretrained"):
                 config.save_pretrained(folder)
 
-    _save_folder(path, write, None, state)
+    save_folder(path, write, None, state)
 
 
 def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -127,11 +127,11 @@ def _plan(tensors: dict[str, torch.Tensor], max_shard_size: int) -> dict[str, tu
 def _my_pieces(t: torch.Tensor, rank: int) -> list[tuple[int, torch.Tensor]]:
     """(byte offset in the tensor's data, local contiguous tensor) that this rank writes."""
     if hasattr(t, "ds_id"):  # ZeRO-3: this rank's elements of the flattened parameter
-        start, end = _partition_range(t)
+        start, end = partition_range(t)
         return [(start * t.dtype.itemsize, t.ds_tensor.data[:end - start])] if end > start else []
     placements = getattr(t, "placements", None)
     if placements is not None and any(p.is_shard() for p in placements):
-        rows = _local_rows(t)  # FSDP2: this rank's rows (refuses other layouts)
+        rows = local_rows(t)  # FSDP2: this rank's rows (refuses other layouts)
         local = t.to_local().detach()
         row = math.prod(t.shape[1:]) * t.dtype.itemsize
         return [(rows[0] * row, local)] if rows[1] > rows[0] else []

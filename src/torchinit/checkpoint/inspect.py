@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 
-from torchinit.checkpoint.formats import open_checkpoint
-from torchinit.checkpoint.safetensors import CheckpointError
+from torchinit.checkpoint.header import CheckpointError
+from torchinit.checkpoint.opener import open_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from torchinit.checkpoint.convert import SEP, SavedOptimizer
-from torchinit.checkpoint.formats import Checkpoint, _local_rows
-from torchinit.checkpoint.safetensors import CheckpointError
+from torchinit.checkpoint.base import Checkpoint, local_rows
+from torchinit.checkpoint.header import CheckpointError
+from torchinit.checkpoint.optim_state import SEP, SavedOptimizer
 
 _DEEPSPEED_CLASSES = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
                       "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
@@ -100,7 +100,7 @@ class FlatCheckpoint(Checkpoint):
         """Each value into its tensor; a dim-0 sharded DTensor gets only its rows (only their elements read)."""
         items = []
         for key, t in pairs:
-            rows = _local_rows(t)
+            rows = local_rows(t)
             local = t.to_local() if rows is not None else t
             if not local.is_contiguous():
                 raise CheckpointError(f"{self.path}: cannot load {key!r} into a non-contiguous tensor.")

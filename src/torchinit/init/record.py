@@ -72,7 +72,7 @@ class RecordContext:
     constructor ran in eager's dtypes, G8, and each value is computed in fp32 and stored cast, one at a time).
     With `empty_init=True` the placeholders are real, uninitialized memory on `device` (so `load_state_dict`
     works): buffers get their values at exit, parameters stay pending until a checkpoint writes them, and the
-    record replays into exactly those nothing wrote (materialize/unwritten.py).
+    record replays into exactly those nothing wrote (record/pending.py).
     Nothing is entered before `__enter__`; contexts do not nest.
     """
 

@@ -21,7 +21,6 @@ import contextlib
 import os
 import warnings
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -35,9 +34,6 @@ from torchinit.materialize.inits import init_for, post_order
 from torchinit.materialize.materialize import materialize
 from torchinit.materialize.memory import Need, check_fits, work_nbytes
 from torchinit.plan import DeepSpeedStrategy, Plan
-
-if TYPE_CHECKING:
-    from torchinit.checkpoint.formats import Checkpoint
 
 
 def _deepspeed():
@@ -213,45 +209,18 @@ def partition_needs(module: nn.Module, device: torch.device, dtype: torch.dtype)
 
 
 def _keep_partition(param: nn.Parameter, full: torch.Tensor) -> None:
-    """Copy this rank's slice of `full` into the ZeRO-3 partition (see `_partition_range`)."""
-    start, end = _partition_range(param)
+    """Copy this rank's slice of `full` into the ZeRO-3 partition (see `partition_range`)."""
+    start, end = partition_range(param)
     param.ds_tensor[: end - start].copy_(full.detach().reshape(-1)[start:end])
 
 
-def _partition_range(param: nn.Parameter) -> tuple[int, int]:
+def partition_range(param: nn.Parameter) -> tuple[int, int]:
     """This rank's elements [start, end) of the flattened parameter, as DeepSpeed partitions: the flattened
-    tensor cut into `partition_numel()` pieces, one per rank, the last one padded."""
+    tensor cut into `partition_numel()` pieces, one per rank, the last one padded. The strategy writes its init
+    through it; checkpoint/ (partitions.py, export.py) reads and writes partitions through it."""
     size = param.partition_numel()
     start = min(size * torch.distributed.get_rank(param.ds_process_group), param.ds_numel)
     return start, min(start + size, param.ds_numel)
-
-
-def load_partitions(module: nn.Module, checkpoint: Checkpoint) -> int:
-    """Copy this rank's slice of each checkpoint value (keyed by the module's state-dict names) into the ZeRO-3
-    partitions; buffers, which ZeRO-3 does not partition, whole. No gather, no broadcast: each rank reads
-    only its own elements. Returns the bytes read.
-
-    Full copies that a forward left gathered (persistent small parameters) are released first, or they would
-    keep the old values; the next forward gathers the new ones.
-    """
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-    targets = {k: t for k, t in module.state_dict(keep_vars=True).items() if k in checkpoint}
-    params = list({id(t): t for t in targets.values() if hasattr(t, "ds_id")}.values())
-    gathered = [p for p in params if p.ds_status != ZeroParamStatus.NOT_AVAILABLE]
-    if gathered:
-        gathered[0].partition(gathered)
-    slices, whole, seen = [], [], set()
-    for key, t in targets.items():
-        if id(t) in seen:  # a tie: its first name is enough
-            continue
-        seen.add(id(t))
-        if hasattr(t, "ds_id"):
-            start, end = _partition_range(t)
-            slices.append((key, start, end, t.ds_tensor.data[: end - start]))
-        else:
-            whole.append((key, t.data))
-    return checkpoint.load_slices(slices) + checkpoint.load_into(whole)
 
 
 class Engine:
@@ -296,7 +265,7 @@ class Engine:
         """This rank's fp32 partitions (the tensors the wrapped optimizer steps), each with the parameter
         elements it holds: (parameter, first element, end, offset in the partition). ZeRO 1/2: a group's
         parameters are flattened into one buffer cut into equal partitions; ZeRO 3: each parameter is cut on its
-        own and a partition is its pieces in order (see `_partition_range`)."""
+        own and a partition is its pieces in order (see `partition_range`)."""
         zero = self.engine.optimizer
         out = []
         if hasattr(zero, "single_partition_of_fp32_groups"):
@@ -314,7 +283,7 @@ class Engine:
             for i, flat in enumerate(zero.fp16_partitioned_groups_flat):
                 members = []
                 for p in zero.fp16_groups[i]:
-                    start, end = _partition_range(p)
+                    start, end = partition_range(p)
                     members.append((p, start, end, _offset(p.ds_tensor, flat)))
                 out.append((zero.fp32_partitioned_groups_flat[i], members))
         else:
@@ -333,6 +302,10 @@ class EngineOptimizer:
 
     def __init__(self, engine: Engine):
         self._engine = engine
+
+    def belongs_to(self, engine: Engine) -> bool:
+        """Whether this optimizer steps through `engine` (saving and loading check that it is the one set up)."""
+        return self._engine is engine
 
     def step(self, closure=None):
         if closure is not None:

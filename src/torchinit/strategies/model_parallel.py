@@ -7,7 +7,7 @@ ModelParallelStrategy lays it out, with the eager model's values on every mesh.
    costs no memory. Then the checks that need the placements: each TP-sharded attention module's head counts
    divide by the TP size, and ties are as before (a tie split by the plan is an error naming it).
 3. Materialize, as FSDP does: in record mode the record is replayed once, in construction order; each rank
-   computes every full tensor once and keeps only its part for the placement it got (materialize/placement.py),
+   computes every full tensor once and keeps only its part for the placement it got (core/placement.py),
    so a rank holds its shards plus one full tensor at a time, and the gathered values are eager's for every mesh
    shape (G3, G7). With `record_init=False` each module's own init runs on full tensors of that module alone,
    the same on every rank, and each rank keeps its part: the values of a single-process materialize.

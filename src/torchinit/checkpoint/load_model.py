@@ -1,7 +1,7 @@
 """Load a checkpoint into any model (real, empty-init or meta): match keys, check shapes, then let
 `materialize` do the rest, with the checkpoint as the first source. The report says what happened.
 
-1. Open the checkpoint (formats.py): keys, shapes, dtypes; no data read yet.
+1. Open the checkpoint (opener.py): keys, shapes, dtypes; no data read yet.
 2. Match its keys to the model's state-dict keys: an explicit `key_map` first, then a prefix (`module.`,
    `_orig_mod.`, `model.`) removed or added when that alone makes more keys match and no other choice does as
    well. A tied parameter is loaded when any of its names is in the checkpoint.
@@ -24,10 +24,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from torchinit.checkpoint.formats import Checkpoint, open_checkpoint
-from torchinit.checkpoint.safetensors import CheckpointError
+from torchinit.checkpoint.base import Checkpoint
+from torchinit.checkpoint.header import CheckpointError
+from torchinit.checkpoint.opener import open_checkpoint
+from torchinit.checkpoint.partitions import load_partitions
 from torchinit.materialize.materialize import materialize
-from torchinit.strategies import deepspeed
 
 PREFIXES = ("module.", "_orig_mod.", "model.")
 
@@ -92,7 +93,7 @@ def load_into(
     view.allow_nonfinite, view.direct_io = allow_nonfinite, checkpoint.direct_io
     view.inf_ok = frozenset(k for k, v in module.state_dict(keep_vars=True).items() if id(v) not in params)
     if any(hasattr(p, "ds_id") for p in module.parameters()):  # ZeRO-3 partitions: each rank its slice
-        report.bytes = deepspeed.load_partitions(module, view)
+        report.bytes = load_partitions(module, view)
     else:
         result = materialize(module, device, dtype, checkpoint=view)
         report.initialized, report.bytes = result.from_init, view.bytes_read

@@ -8,6 +8,10 @@
 - Values that are neither modules nor optimizers go to `values.pt`, written by rank 0 and read back with
   `weights_only=True`, with the list of what the folder holds.
 
+What the other saves and loads share lives here too: `split_state` (a state's modules, optimizers and values),
+`values.pt` (`read_values`, `restore_values`), `save_folder` and `agree` (the atomic all-ranks folder save that
+export.py also writes through).
+
 Saving is atomic: all ranks write into a hidden temporary folder next to `path`; when every rank succeeded,
 rank 0 moves an existing folder aside, renames the new one into place, then deletes the old one. A failure on
 any rank is raised on every rank (none waits for one that gave up) and leaves `path` as it was.
@@ -26,10 +30,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from torchinit.checkpoint.dcp import dcp_failures, dcp_metadata, dcp_paths
-from torchinit.checkpoint.formats import open_checkpoint
-from torchinit.checkpoint.load import load_into, match
-from torchinit.checkpoint.safetensors import CheckpointError
+from torchinit.checkpoint.dcp import dcp_failures, dcp_metadata, dcp_paths, read_dcp
+from torchinit.checkpoint.header import CheckpointError
+from torchinit.checkpoint.load_model import load_into, match
+from torchinit.checkpoint.opener import open_checkpoint
 from torchinit.checkpoint.save import exchange, fsync_folder, save_failure
 from torchinit.strategies import deepspeed as ds
 from torchinit.strategies.single import FabricModule
@@ -38,7 +42,7 @@ VALUES = "values.pt"
 TAG = "state"  # DeepSpeed's sub-folder name for the one checkpoint a folder holds
 
 
-def _split(state: dict[str, Any]) -> tuple[dict[str, nn.Module], dict[str, Any], dict[str, Any]]:
+def split_state(state: dict[str, Any]) -> tuple[dict[str, nn.Module], dict[str, Any], dict[str, Any]]:
     """Modules (a Fabric wrapper as its original module), optimizers and plain values, by key."""
     modules, optimizers, values = {}, {}, {}
     for key, obj in state.items():
@@ -59,10 +63,10 @@ def save_fsdp(path: str | os.PathLike, state: dict[str, Any]) -> None:
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    modules, optimizers, values = _split(state)
+    modules, optimizers, values = split_state(state)
     tensors: dict[str, Any] = {name: get_model_state_dict(module) for name, module in modules.items()}
     for name, optimizer in optimizers.items():
-        tensors[name] = get_optimizer_state_dict(_owner(path, name, optimizer, modules), optimizer)
+        tensors[name] = get_optimizer_state_dict(optimizer_owner(path, name, optimizer, modules), optimizer)
 
     def write(folder: Path) -> None:
         try:
@@ -70,7 +74,7 @@ def save_fsdp(path: str | os.PathLike, state: dict[str, Any]) -> None:
         except CheckpointException as error:  # a BaseException: it would pass through `except Exception`
             raise RuntimeError(f"writing the shards failed: {dcp_failures(error)}") from None
 
-    _save_folder(Path(path), write, values, state)
+    save_folder(Path(path), write, values, state)
 
 
 def load_fsdp(path: str | os.PathLike, state: dict[str, Any], strict: bool, device: torch.device,
@@ -79,20 +83,19 @@ def load_fsdp(path: str | os.PathLike, state: dict[str, Any], strict: bool, devi
     its shards. Everything is checked before anything changes. Returns the values not in `state`."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-    from torchinit.checkpoint.dcp import read_dcp
-
     path = Path(path)
     if not (path / ".metadata").is_file():
         raise CheckpointError(f"{path}: not a folder that fabric.save wrote under FSDP (no .metadata: it is not a "
                               f"torch.distributed.checkpoint){_hint(path)}")
     paths = dcp_paths(dcp_metadata(path))
-    values, kinds = _read_values(path)
+    values, kinds = read_values(path)
     held = set(kinds) or {p[0] for p in paths.values()}
-    modules, optimizers, _ = _split(_present(path, state, held, strict))
+    modules, optimizers, _ = split_state(keep_held(path, state, held, strict))
     checkpoints = {name: open_checkpoint(path, select=name) for name in modules}
     for name, module in modules.items():
         match(module, checkpoints[name], strict=strict)
-    owners = {name: _owner(path, name, opt, _split(state)[0]) for name, opt in optimizers.items()}  # also unloaded
+    every = split_state(state)[0]  # also the modules not loaded
+    owners = {name: optimizer_owner(path, name, opt, every) for name, opt in optimizers.items()}
     for name, optimizer in optimizers.items():
         _check_optimizer(path, name, optimizer, owners[name], paths)
     for name, module in modules.items():
@@ -101,10 +104,10 @@ def load_fsdp(path: str | os.PathLike, state: dict[str, Any], strict: bool, devi
         tensors = {name: get_optimizer_state_dict(owners[name], optimizer)}
         read_dcp(path, tensors)
         set_optimizer_state_dict(owners[name], optimizer, tensors[name])
-    return _restore_values(state, values)
+    return restore_values(state, values)
 
 
-def _owner(path: str | os.PathLike, name: str, optimizer: torch.optim.Optimizer,
+def optimizer_owner(path: str | os.PathLike, name: str, optimizer: torch.optim.Optimizer,
            modules: dict[str, nn.Module]) -> nn.Module:
     """The module whose parameters the optimizer updates (its state is saved by their names)."""
     mine = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -134,43 +137,43 @@ def _check_optimizer(path: Path, name: str, optimizer: torch.optim.Optimizer, ow
 # ---- DeepSpeed: the engine's checkpoint ---------------------------------------------------------------
 def save_deepspeed(path: str | os.PathLike, state: dict[str, Any], engine: ds.Engine | None) -> None:
     """The engine writes its module and optimizer (each rank its partitions); rank 0 the plain values."""
-    _, _, values = _split(state)
-    deepspeed_engine = _engine_for(path, state, engine, "save")
-    _save_folder(Path(path), lambda folder: deepspeed_engine.save_checkpoint(str(folder), tag=TAG), values, state)
+    _, _, values = split_state(state)
+    deepspeed_engine = engine_for(path, state, engine, "save")
+    save_folder(Path(path), lambda folder: deepspeed_engine.save_checkpoint(str(folder), tag=TAG), values, state)
 
 
 def load_deepspeed(path: str | os.PathLike, state: dict[str, Any], strict: bool,
                    engine: ds.Engine | None) -> dict[str, Any]:
-    """Load a folder `save_deepspeed` wrote through the engine (same world size and ZeRO stage; restore.py
+    """Load a folder `save_deepspeed` wrote through the engine (same world size and ZeRO stage; load_state.py
     converts the others). The optimizer state is loaded when `state` holds the optimizer. Returns the values not
     in `state`."""
     path = Path(path)
-    deepspeed_engine = _engine_for(path, state, engine, "load")
+    deepspeed_engine = engine_for(path, state, engine, "load")
     if not (path / "latest").is_file():
         raise CheckpointError(f"{path}: not a folder that fabric.save wrote under DeepSpeed (no 'latest' file "
                               f"naming its checkpoint){_hint(path)}")
-    values, kinds = _read_values(path)
-    modules, optimizers, _ = _split(state)
+    values, kinds = read_values(path)
+    modules, optimizers, _ = split_state(state)
     held = set(kinds) or {*modules, *optimizers}  # a folder DeepSpeed wrote alone holds the engine's two
-    modules, optimizers, _ = _split(_present(path, state, held, strict))
+    modules, optimizers, _ = split_state(keep_held(path, state, held, strict))
     _check_deepspeed_folder(path, next(iter(modules.values()), None), engine.options.stage, strict)
     loaded, _ = deepspeed_engine.load_checkpoint(str(path), load_module_strict=strict,
                                                  load_optimizer_states=bool(optimizers),
                                                  load_lr_scheduler_states=False)
     if loaded is None:
         raise CheckpointError(f"{path}: DeepSpeed found no checkpoint to load in it.")
-    return _restore_values(state, values)
+    return restore_values(state, values)
 
 
-def _engine_for(path: str | os.PathLike, state: dict[str, Any], engine: ds.Engine | None, what: str):
+def engine_for(path: str | os.PathLike, state: dict[str, Any], engine: ds.Engine | None, what: str):
     """DeepSpeed's engine, after checking that `state` holds nothing it does not save: the one module set up
     (and its optimizer)."""
     if engine is None or engine.engine is None:
         raise RuntimeError(f"fabric.{what} under DeepSpeed goes through its engine, which does not exist yet: call "
                            "fabric.setup(model, optimizer) (or setup_optimizers) first.")
-    modules, optimizers, _ = _split(state)
+    modules, optimizers, _ = split_state(state)
     others = [k for k, m in modules.items() if m is not engine.module]
-    others += [k for k, o in optimizers.items() if not isinstance(o, ds.EngineOptimizer) or o._engine is not engine]
+    others += [k for k, o in optimizers.items() if not isinstance(o, ds.EngineOptimizer) or not o.belongs_to(engine)]
     if others or len(modules) > 1:
         raise ValueError(f"{path}: under DeepSpeed the state can hold the model set up and its optimizer only (the "
                          f"engine saves those); {sorted(others) or sorted(modules)} are not them.")
@@ -197,14 +200,15 @@ def _check_deepspeed_folder(path: Path, module: nn.Module | None, stage: int, st
 
 
 # ---- both: values and the folder ----------------------------------------------------------------------
-def _present(path: Path, state: dict[str, Any], held: set[str], strict: bool) -> dict[str, Any]:
+def keep_held(path: Path, state: dict[str, Any], held: set[str], strict: bool) -> dict[str, Any]:
+    """The entries of `state` that the checkpoint holds (`held`: its keys); under `strict` one it lacks is an error."""
     absent = [k for k in state if k not in held]
     if absent and strict:
         raise KeyError(f"{path}: has no {absent}; it holds {sorted(held)}. Pass strict=False to skip them.")
     return {k: v for k, v in state.items() if k in held}
 
 
-def _read_values(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+def read_values(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     """The plain values and {key: "module" | "optimizer" | "value"} (empty for folders others wrote)."""
     file = path / VALUES
     if not file.is_file():
@@ -213,7 +217,7 @@ def _read_values(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     return saved["values"], saved["kinds"]
 
 
-def _restore_values(state: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+def restore_values(state: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
     """Plain values are replaced in `state` (as the single-file load does); returns those it lacks."""
     for key, obj in state.items():
         if key in values and not isinstance(obj, (nn.Module, torch.optim.Optimizer, ds.EngineOptimizer)):
@@ -229,7 +233,7 @@ def _hint(path: Path) -> str:
     return ". For a model's weights from a plain checkpoint use fabric.load_raw(path, model)."
 
 
-def _save_folder(path: Path, write: Callable[[Path], None], values: dict[str, Any] | None,
+def save_folder(path: Path, write: Callable[[Path], None], values: dict[str, Any] | None,
                  state: dict[str, Any]) -> None:
     """Every rank calls `write(temporary folder)`; then rank 0 adds `values.pt` (unless `values` is None) and swaps
     the folder into `path`. Every step ends with all ranks agreeing that it worked, so a failure anywhere is raised
@@ -245,7 +249,7 @@ def _save_folder(path: Path, write: Callable[[Path], None], values: dict[str, An
             blob = buffer.getvalue()
         except Exception as exc:
             error = exc
-    _agree(error, path)
+    agree(error, path)
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     if rank == 0:
         shutil.rmtree(temporary, ignore_errors=True)  # left by a crashed process with the same id
@@ -257,7 +261,7 @@ def _save_folder(path: Path, write: Callable[[Path], None], values: dict[str, An
     except Exception as exc:
         error = save_failure(path, exc) or exc  # a full disk said clearly, while the partial files are there
     try:
-        _agree(error, path)
+        agree(error, path)
         error = None
         if rank == 0:
             try:
@@ -269,7 +273,7 @@ def _save_folder(path: Path, write: Callable[[Path], None], values: dict[str, An
                 _replace_folder(temporary, path)
             except Exception as exc:
                 error = exc
-        _agree(error, path)
+        agree(error, path)
     finally:
         if rank == 0 and temporary.exists():
             shutil.rmtree(temporary, ignore_errors=True)
@@ -317,7 +321,7 @@ def _from_rank_zero(obj: Any) -> Any:
     return box[0]
 
 
-def _agree(error: BaseException | None, path: Path) -> None:
+def agree(error: BaseException | None, path: Path) -> None:
     """Raise on every rank if any rank failed: the local error where it happened, a RuntimeError naming the rank
     elsewhere."""
     if dist.is_initialized() and dist.get_world_size() > 1:

@@ -1,9 +1,9 @@
 """`fabric.load` for any saved state into any strategy: a one-file save (torch or safetensors), a safetensors
 folder, an FSDP DCP folder and a DeepSpeed ZeRO 1/2/3 folder, each from any world size, into one device / DDP,
 FSDP2 or DeepSpeed ZeRO 1/2/3 at any world size. Modules through `load_into` (each rank reads its shards or
-partition slices only); optimizers through `convert.py` (each rank fills only the state it holds).
+partition slices only); optimizers through `optim_state.py` (each rank fills only the state it holds).
 
-A same-layout folder goes the native way (DCP into FSDP: `sharded.load_fsdp`; DeepSpeed at the same stage and
+A same-layout folder goes the native way (DCP into FSDP: `load_fsdp`; DeepSpeed at the same stage and
 world size: the engine's own loader, which also restores its counters). Everything is checked (keys, shapes,
 optimizer parameters and groups) before anything changes. What cannot be carried is an error, not a guess:
 optimizer state from a safetensors checkpoint (the format holds none), and into DeepSpeed a per-partition value
@@ -20,12 +20,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchinit.checkpoint import sharded, zero
-from torchinit.checkpoint.convert import SavedOptimizer, param_groups, restore_flat, restore_fsdp, restore_plain
+from torchinit.checkpoint import zero
+from torchinit.checkpoint.base import Checkpoint
 from torchinit.checkpoint.dcp import dcp_metadata, dcp_paths
-from torchinit.checkpoint.formats import Checkpoint, open_checkpoint
-from torchinit.checkpoint.load import LoadReport, load_into, match
-from torchinit.checkpoint.safetensors import CheckpointError
+from torchinit.checkpoint.header import CheckpointError
+from torchinit.checkpoint.load_model import LoadReport, load_into, match
+from torchinit.checkpoint.opener import open_checkpoint
+from torchinit.checkpoint.optim_state import SavedOptimizer, param_groups, restore_flat, restore_fsdp, restore_plain
+from torchinit.checkpoint.partitions import load_masters
+from torchinit.checkpoint.sharded_state import (
+    engine_for,
+    keep_held,
+    load_deepspeed,
+    load_fsdp,
+    optimizer_owner,
+    read_values,
+    restore_values,
+    split_state,
+)
 from torchinit.strategies import deepspeed as ds
 
 
@@ -45,23 +57,23 @@ def load(path: str | os.PathLike, state: dict[str, Any], strict: bool, target: s
     instead of raising."""
     path = Path(path)
     if target == "deepspeed":
-        sharded._engine_for(path, state, engine, "load")
+        engine_for(path, state, engine, "load")
     if path.is_dir() and (path / ".metadata").is_file() and target == "fsdp":
-        return sharded.load_fsdp(path, state, strict, device, dtype)
+        return load_fsdp(path, state, strict, device, dtype)
     if path.is_dir() and (path / "latest").is_file() and target == "deepspeed":
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         if zero.saved_layout(path) == (engine.options.stage, world):
-            return sharded.load_deepspeed(path, state, strict, engine)
+            return load_deepspeed(path, state, strict, engine)
     source = _open(path, state)
-    wanted = sharded._split(state)[1] if strict and source.no_optimizer else {}
-    present = {**sharded._present(path, {k: v for k, v in state.items() if k not in wanted}, source.held, strict),
+    wanted = split_state(state)[1] if strict and source.no_optimizer else {}
+    present = {**keep_held(path, {k: v for k, v in state.items() if k not in wanted}, source.held, strict),
                **wanted}
-    modules, optimizers, _ = sharded._split(present)
+    modules, optimizers, _ = split_state(present)
     for key in optimizers:
         if key not in source.optimizers:
             raise CheckpointError(f"{path}: holds no optimizer state for {key!r}{source.no_optimizer}. Load the "
                                   f"model alone (drop {key!r} from the state, or strict=False). Nothing was loaded.")
-    all_modules = sharded._split(state)[0]
+    all_modules = split_state(state)[0]
     plans = []  # everything checked before anything changes
     for key, module in modules.items():
         names, _ = match(module, source.modules[key], strict=strict)
@@ -72,10 +84,10 @@ def load(path: str | os.PathLike, state: dict[str, Any], strict: bool, target: s
         load_into(module, checkpoint, strict=strict, device=device, dtype=dtype, allow_nonfinite=allow_nonfinite)
         if target == "deepspeed":
             engine.weights_loaded()  # fp32 masters from the loaded values, then overwritten with the saved ones
-            _load_masters(engine, checkpoint.renamed(names))
+            load_masters(engine, checkpoint.renamed(names))
     for restore in restorers:
         restore()
-    return sharded._restore_values(state, source.values)
+    return restore_values(state, source.values)
 
 
 def _restorer(path: Path, key: str, optimizer: Any, modules: dict[str, nn.Module], saved: SavedOptimizer,
@@ -86,7 +98,7 @@ def _restorer(path: Path, key: str, optimizer: Any, modules: dict[str, nn.Module
         groups = param_groups(engine.groups, owner)
         names = {id(p): n for n, p in owner.named_parameters()}
         return restore_flat(engine.flat_partitions(), engine.engine.optimizer.optimizer, groups, saved, names)
-    owner = sharded._owner(path, key, optimizer, modules)
+    owner = optimizer_owner(path, key, optimizer, modules)
     saved.resolve(param_groups(optimizer, owner))
     restore = restore_fsdp if target == "fsdp" else restore_plain
     return lambda: restore(optimizer, owner, saved)
@@ -101,29 +113,14 @@ def load_module(path: str | os.PathLike, module: nn.Module, strict: bool, device
     report = load_into(module, checkpoint, strict=strict, device=device, dtype=dtype, allow_nonfinite=allow_nonfinite)
     if engine is not None:
         engine.weights_loaded()
-        _load_masters(engine, checkpoint.renamed(names))
+        load_masters(engine, checkpoint.renamed(names))
     return report
-
-
-def _load_masters(engine: ds.Engine, checkpoint: Checkpoint) -> None:
-    """The fp32 master copies straight from the saved values (a bf16 model would round them)."""
-    if engine.engine is None or not hasattr(engine.engine.optimizer, "optimizer"):
-        return
-    names = {id(p): [n for n, q in engine.module.named_parameters(remove_duplicate=False) if q is p]
-             for p in engine.module.parameters()}
-    items = []
-    for flat, members in engine.flat_partitions():
-        for p, start, end, offset in members:
-            key = next((n for n in names[id(p)] if n in checkpoint), None)
-            if key is not None:
-                items.append((key, start, end, flat.data[offset:offset + end - start]))
-    checkpoint.load_slices(items)
 
 
 def _open(path: Path, state: dict[str, Any]) -> Source:
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder.")
-    modules, optimizers, _ = sharded._split(state)
+    modules, optimizers, _ = split_state(state)
     if path.is_dir() and (path / "latest").is_file():
         return _open_zero(path, state, modules, optimizers)
     if path.is_dir() and (path / ".metadata").is_file():
@@ -141,7 +138,7 @@ def _one(path: Path, things: dict, what: str) -> str | None:
 
 def _open_zero(path: Path, state: dict, modules: dict, optimizers: dict) -> Source:
     folder = zero.open_zero(path)
-    values, kinds = sharded._read_values(path)
+    values, kinds = read_values(path)
     module_key, optimizer_key = _one(path, modules, "module"), _one(path, optimizers, "optimizer")
     source = Source(values=values, held=set(kinds) or {k for k in (module_key, optimizer_key) if k})
     if module_key:
@@ -154,7 +151,7 @@ def _open_zero(path: Path, state: dict, modules: dict, optimizers: dict) -> Sour
 def _open_dcp(path: Path, modules: dict, optimizers: dict) -> Source:
     metadata = dcp_metadata(path)
     paths = dcp_paths(metadata)
-    values, kinds = sharded._read_values(path)
+    values, kinds = read_values(path)
     source = Source(values=values, held=set(kinds) or {p[0] for p in paths.values()})
     source.modules = {key: open_checkpoint(path, select=key) for key in modules if key in source.held}
     source.optimizers = {key: SavedOptimizer.from_dcp(path, key, metadata, paths) for key in optimizers
@@ -177,7 +174,7 @@ def _open_torch(path: Path, state: dict) -> Source:
     if not isinstance(saved, dict):
         raise CheckpointError(f"{path}: holds a {type(saved).__name__}, not a saved training state.")
     if saved and all(isinstance(v, torch.Tensor) for v in saved.values()) and not set(saved) & set(state):
-        return _open_weights(path, state, sharded._split(state)[0])  # a plain state dict: the one module's
+        return _open_weights(path, state, split_state(state)[0])  # a plain state dict: the one module's
     source = Source(held=set(saved))
     for key, obj in state.items():
         if key not in saved:

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchinit.checkpoint.dcp import DcpEntry
-from torchinit.checkpoint.formats import Checkpoint
-from torchinit.checkpoint.safetensors import CheckpointError
+from torchinit.checkpoint.base import Checkpoint
+from torchinit.checkpoint.dcp import DcpEntry, read_dcp
+from torchinit.checkpoint.header import CheckpointError
 
 SEP = "\x00"  # between a parameter's id and a state key in `SavedOptimizer.tensors`
 
@@ -48,8 +48,6 @@ class SavedOptimizer:
     @classmethod
     def from_dcp(cls, path: Path, name: str, metadata: Any, paths: dict[str, tuple]) -> SavedOptimizer:
         """The optimizer entry `name` of a DCP folder (keyed by parameter name)."""
-        from torchinit.checkpoint.dcp import read_dcp
-
         tensors, hyper = {}, {}
         for key, where in paths.items():
             if len(where) == 4 and where[0] == name and where[1] == "state":
