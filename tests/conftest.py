@@ -12,11 +12,22 @@ def tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return {**dict(module.named_parameters(remove_duplicate=False)), **dict(module.named_buffers())}
 
 
+def ties(module: nn.Module) -> list[list[str]]:
+    """Names that share one tensor object (a tied parameter or buffer), each group sorted: the model's ties."""
+    groups: dict[int, list[str]] = {}
+    for name, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]:
+        groups.setdefault(id(t), []).append(name)
+    return sorted(sorted(g) for g in groups.values() if len(g) > 1)
+
+
 def assert_bitwise_equal(got: nn.Module, want: nn.Module) -> None:
+    """The same names, dtypes, devices and values (bit for bit), and the same ties: names that share one tensor
+    object in `want` share one in `got`, and no others do (G3, G4)."""
     a, b = tensors(got), tensors(want)
     assert a.keys() == b.keys()
     wrong = [k for k in b if a[k].dtype != b[k].dtype or a[k].device != b[k].device or not torch.equal(a[k], b[k])]
     assert not wrong, f"differ from eager: {wrong}"
+    assert ties(got) == ties(want), f"ties differ from eager's: {ties(got)} != {ties(want)}"
 
 
 def on_fake_ranks(world: int, fn, strategy="fsdp", **fabric_kwargs) -> list:

@@ -1,12 +1,67 @@
 """Functions that `Fabric.launch(fn)` runs in spawned processes (module level, so that they pickle)."""
 
+import contextlib
 import dataclasses
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 import torchinit
+
+
+@dataclasses.dataclass
+class Reads:
+    total: int = 0  # every byte a read call returned
+    spans: list = dataclasses.field(default_factory=list)  # (offset, length) of the positioned reads
+
+    @property
+    def distinct(self) -> int:
+        """Bytes of the file read at least once (positioned reads)."""
+        done, end = 0, 0
+        for offset, length in sorted(self.spans):
+            done += max(0, offset + length - max(offset, end))
+            end = max(end, offset + length)
+        return done
+
+
+@contextlib.contextmanager
+def bytes_read_from(path):
+    """The bytes this process really reads from `path` (a file, or the files in a folder) while the block runs:
+    `os.preadv` / `os.pread` / `os.readv` / `os.read` wrapped, whatever the reader reports of itself."""
+    import os
+    import threading
+
+    root, lock, reads = str(Path(path).resolve()), threading.Lock(), Reads()
+    originals = {name: getattr(os, name) for name in ("preadv", "pread", "readv", "read")}
+
+    def counting(name):
+        original = originals[name]
+
+        def read(fd, *args):
+            got = original(fd, *args)
+            try:
+                where = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                return got
+            if where == root or where.startswith(root + os.sep):
+                n = got if isinstance(got, int) else len(got)
+                with lock:
+                    reads.total += n
+                    if name.startswith("pread"):
+                        reads.spans.append((args[1], n))
+            return got
+
+        return read
+
+    for name in originals:
+        setattr(os, name, counting(name))
+    try:
+        yield reads
+    finally:
+        for name, original in originals.items():
+            setattr(os, name, original)
 
 
 def gathered(fabric, value):
@@ -108,9 +163,11 @@ def fsdp_load_raw(fabric, path):
     with fabric.init_module(empty_init=True):
         module = tiny_llama()
     model = fabric.setup(module)
-    report = fabric.load_raw(path, model)
+    with bytes_read_from(path) as read:
+        report = fabric.load_raw(path, model)
     full = {name: p.full_tensor().detach().clone() for name, p in model.named_parameters()}
-    return {"full": full, "bytes": gathered(fabric, report.bytes), "missing": report.missing}
+    return {"full": full, "bytes": gathered(fabric, report.bytes),
+            "read": gathered(fabric, (read.total, read.distinct)), "missing": report.missing}
 
 
 def relaunch(fabric):

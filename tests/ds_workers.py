@@ -3,7 +3,7 @@
 import dataclasses
 
 import torch
-from dist_workers import _errors, _joined, _train_step, gathered, tiny_llama
+from dist_workers import _errors, _joined, _train_step, bytes_read_from, gathered, tiny_llama
 from torch import nn
 
 import torchinit
@@ -171,13 +171,15 @@ def deepspeed_checkpoint(fabric, folder):
     fabric.barrier()
     module, model, optimizer = _ds_llama(fabric, 4, empty_init=True)
     _train_step(fabric, model, optimizer, 1)  # a forward leaves small parameters gathered, an optimizer state
-    report = fabric.load_raw(folder / "model.safetensors", model)
+    with bytes_read_from(folder / "model.safetensors") as read:
+        report = fabric.load_raw(folder / "model.safetensors", model)
     raw = _ds_full(module)
     for group in optimizer.param_groups:
         group["lr"] = 0.0
     _train_step(fabric, model, optimizer, 2)  # with stale fp32 master weights this would bring the old values back
     out["raw"] = {"want": dict(want.named_parameters()), "raw": raw, "after_step": _ds_full(module),
-                  "bytes": gathered(fabric, report.bytes), "file_bytes": sum(v.numel() * 2 for v in tensors.values())}
+                  "bytes": gathered(fabric, report.bytes), "read": gathered(fabric, (read.total, read.distinct)),
+                  "file_bytes": sum(v.numel() * 2 for v in tensors.values())}
 
     (folder / "plain").mkdir(exist_ok=True)
     before = _ds_full(module)

@@ -72,8 +72,21 @@ def disk_full_save(fabric, folder: str) -> dict:
             "step": reloaded["step"]}
 
 
-def saver(path: str, ready: str, seed: int, world: int, rank: int, port: int) -> None:
-    """Build the state for `seed`, touch `ready`, save it to `path` (killed by the test at a random moment)."""
+def saver(path: str, ready: str, seed: int, world: int, rank: int, port: int, die_writing: bool = False) -> None:
+    """Build the state for `seed`, touch `ready`, save it to `path` (killed by the test at a random moment).
+    `die_writing`: SIGKILL itself inside the save, at its first fsync (the data written under a temporary name,
+    not yet moved into place), after touching `ready.rank.writing` holding what the folder then lists."""
+    if die_writing:
+        import signal
+
+        fsync = os.fsync
+
+        def fsync_then_die(fd):
+            fsync(fd)
+            Path(f"{ready}.{rank}.writing").write_text("\n".join(sorted(os.listdir(Path(path).parent))))
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        os.fsync = fsync_then_die
     torch.set_num_threads(1)  # a fresh OpenMP pool on a busy 2-core machine costs seconds; these tensors are tiny
     if world > 1:
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",

@@ -8,6 +8,7 @@ import dataclasses
 
 import torch
 import torch.distributed as dist
+from dist_workers import bytes_read_from
 from torch import nn
 from torch.distributed.tensor import Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
@@ -222,8 +223,10 @@ def four_ranks(fabric, folder, raw) -> dict:
         out[f"loaded/{dp}x{tp}"] = {"full": full_values(other.module), "step": state["step"],
                                     "after": train_steps(other, opt, steps=1)["losses"]}
     target, _ = setup_on(fabric, build(fabric, lambda: Llama(llama_cfg(False)), empty_init=True), 2, 2)
-    report = fabric.load_raw(raw, target)
+    with bytes_read_from(raw) as read:
+        report = fabric.load_raw(raw, target)
     out["raw"] = {"full": full_values(target.module), "read": gathered(report.bytes),
+                  "preadv": gathered((read.total, read.distinct)),
                   "local": gathered(local_bytes(target.module)), "missing": report.missing}
     return out
 

@@ -126,3 +126,51 @@ def test_a_complex_buffer_takes_the_dtype_as_module_to_gives_it(mode):
             model = fabric.setup(model).module
     assert model.freqs.dtype == torch.bfloat16
     assert_bitwise_equal(model, want)
+
+
+class KeepsBands(nn.Module):
+    """timm's rotary embeddings: `_apply` is overridden so that `.to(torch.bfloat16)` leaves the bands in fp32,
+    recomputed from the configuration rather than cast (a bf16 round trip would lose them)."""
+
+    def __init__(self, dim=8, temperature=10000.0):
+        super().__init__()
+        self.dim, self.temperature = dim, temperature
+        self.proj = nn.Linear(dim, dim)
+        self.register_buffer("bands", self._bands("cpu"), persistent=False)
+        self.register_buffer("table", self._table(), persistent=False)
+
+    def _bands(self, device):
+        return 1.0 / self.temperature ** (torch.arange(0, self.dim, 2, device=device, dtype=torch.float32) / self.dim)
+
+    def _table(self):
+        return (torch.arange(16.0, device=self.bands.device)[:, None] * self.bands).cos()
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.bands = self._bands(self.bands.device)  # fp32 whatever `fn` did
+        self.table = self._table()
+        return self
+
+
+@pytest.mark.parametrize("mode", ["init_module", "empty", "record"])
+def test_a_module_that_overrides_apply_gets_what_its_to_gives(mode):
+    """Eager is `KeepsBands().to(torch.bfloat16)`: the module's own `_apply` decides, so its bands and table stay
+    fp32 (and bit for bit the fp32 values), while its Linear is cast."""
+    fabric = torchinit.Fabric(accelerator="cpu", precision="bf16-true")
+    want = eager(KeepsBands, torch.bfloat16, seed=3)
+    assert want.bands.dtype == want.table.dtype == torch.float32 and want.proj.weight.dtype == torch.bfloat16
+    torch.manual_seed(3)
+    if mode == "init_module":
+        with fabric.init_module():
+            model = KeepsBands()
+    elif mode == "record":
+        with torchinit.RecordContext("cpu", torch.bfloat16):
+            model = KeepsBands()
+        torchinit.materialize(model)
+    else:
+        with fabric.init_module(empty_init=True):
+            model = KeepsBands()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (setup's "initialized N parameters" notice)
+            model = fabric.setup(model).module
+    assert_bitwise_equal(model, want)

@@ -83,6 +83,7 @@ def test_full_load_gives_the_checkpointed_model():
 def test_partial_load_initializes_and_names_the_missing():
     want = eager(llama, torch.bfloat16)
     state = {k: v for k, v in want.state_dict().items() if "layers.1.mlp" not in k and "lm_head" not in k}
+    torch.manual_seed(0)  # eager's seed: what the load leaves out is initialized as eager initializes it
     model = poisoned_empty(llama)
     with pytest.warns(UserWarning, match="did not provide 4 parameter") as record:
         result = model.load_state_dict(state, strict=False)
@@ -94,6 +95,12 @@ def test_partial_load_initializes_and_names_the_missing():
     for key, value in state.items():  # what was loaded stays loaded
         assert torch.equal(model.state_dict()[key], value), key
     assert params["lm_head.weight"].std() > 0
+    eagers = dict(want.named_parameters())
+    assert sorted(result.missing_keys) == sorted(k for k in eagers if k not in state)
+    for key in result.missing_keys:  # eager's values, bit for bit (the earlier random draws replayed too)
+        same = params[key].dtype == eagers[key].dtype and torch.equal(params[key], eagers[key])
+        assert same, f"{key} differs from eager"
+    assert_bitwise_equal(model, want)
     model(torch.tensor([[1, 2, 3]]))
 
 

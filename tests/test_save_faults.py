@@ -103,9 +103,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(ctx, path: Path, seed: int, world: int) -> tuple[list, Path]:
+def start(ctx, path: Path, seed: int, world: int, die_writing: bool = False) -> tuple[list, Path]:
     ready, port = path.with_name(f"ready-{seed}-{time.monotonic_ns()}"), free_port()
-    procs = [ctx.Process(target=saver, args=(str(path), str(ready), seed, world, r, port), daemon=True)
+    procs = [ctx.Process(target=saver, args=(str(path), str(ready), seed, world, r, port, die_writing), daemon=True)
              for r in range(world)]
     for p in procs:
         p.start()
@@ -165,6 +165,26 @@ def test_a_save_killed_at_any_moment_leaves_the_old_or_the_new_checkpoint(world,
         assert same(now, old) or same(now, new), "the checkpoint at path is neither the old one nor the new one"
         outcomes.append("new" if same(now, new) else "old")
     print(f"save took {took * 1e3:.1f} ms; after the kills: {outcomes.count('old')} old, {outcomes.count('new')} new")
+    # and a kill that surely lands mid-write: each saver kills itself inside the save, its data written under a
+    # temporary name (listed next to the checkpoint when it died) but not moved into place: the old checkpoint
+    shutil.rmtree(path) if world > 1 else path.unlink()
+    shutil.copytree(tmp_path / "ref-1", path) if world > 1 else shutil.copy(tmp_path / "ref-1", path)
+    procs, ready = start(forkserver, path, 2, world, die_writing=True)
+    for p in procs:
+        p.join(60)
+    for r, p in enumerate(procs):
+        assert p.exitcode == -signal.SIGKILL, f"rank {r} was not killed inside the save"
+        listed = Path(f"{ready}.{r}.writing").read_text().split()
+        assert any(name.startswith(f".{path.name}.tmp-") for name in listed), f"rank {r}: no data written yet"
+    assert same(contents(path), old), "a save killed mid-write changed the checkpoint"
+    outcomes.append("old")
+    if "new" not in outcomes:  # the savers were always killed first: one that finishes leaves the new one
+        procs, ready = start(forkserver, path, 2, world)
+        for p in procs:
+            p.join(60)
+        assert same(contents(path), new)
+        outcomes.append("new")
+    assert set(outcomes) == {"old", "new"}
 
 
 # ---- loads that fail half way ---------------------------------------------------------------------------------

@@ -113,6 +113,11 @@ def test_zero3_load_raw_reads_each_ranks_partition_into_place(zero):
     assert_same(raw["raw"], {k: v.detach() for k, v in raw["want"].items()})
     assert_same(raw["after_step"], raw["raw"])  # a step with lr=0 keeps them: the fp32 master weights followed
     assert sum(raw["bytes"]) == raw["file_bytes"] and max(raw["bytes"]) < raw["file_bytes"], "no rank read it all"
+    # measured: the bytes each rank's read calls really returned from the file. Only its own partition's
+    # (distinct bytes); read twice: the bf16 partition, then the fp32 master copies straight from the file
+    # (checkpoint/restore.py `_load_masters`), which `report.bytes` does not count
+    assert [distinct for _, distinct in raw["read"]] == raw["bytes"], "each rank read its own partition only"
+    assert all(total <= 2 * distinct for total, distinct in raw["read"]), "at most twice: partition, then masters"
 
 
 @deepspeed_only
