@@ -176,16 +176,16 @@ def test_a_second_thread_cannot_open_a_context_while_one_is_open(kind):
     thread's (a clear error, nothing changed), and the other thread may open one once it is closed."""
     import threading
 
-    def context():
+    def context(dtype=torch.bfloat16):
         if kind == "init":
-            return torchinit.InitContext("cpu", torch.bfloat16)
-        return torchinit.RecordContext("cpu")
+            return torchinit.InitContext("cpu", dtype)
+        return torchinit.RecordContext("cpu", dtype)
 
     outcome = {}
 
-    def other():
+    def other(dtype=torch.bfloat16):
         try:
-            with context():
+            with context(dtype):
                 outcome["opened"] = True
         except torchinit.UsageError as exc:
             outcome["error"] = exc
@@ -196,6 +196,12 @@ def test_a_second_thread_cannot_open_a_context_while_one_is_open(kind):
         thread.join()
     assert "another thread" in str(outcome.get("error")) and "opened" not in outcome
     assert isinstance(outcome["error"], RuntimeError)
+    outcome.clear()
+    with context():  # another plan in the other thread: the same refusal, not a plan mismatch
+        thread = threading.Thread(target=other, args=(torch.float16,))
+        thread.start()
+        thread.join()
+    assert "another thread" in str(outcome["error"]) and "opened" not in outcome
     thread = threading.Thread(target=other)
     thread.start()
     thread.join()

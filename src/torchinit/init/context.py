@@ -98,6 +98,7 @@ class InitContext:
         return f"device={self.device}, dtype={self.dtype}, empty_init={self.empty_init}, meta={self.meta}"
 
     def __enter__(self) -> InitContext:
+        ACTIVE.check_thread()  # before anything is entered or compared: another thread's context is not ours
         stack = ExitStack()
         if ACTIVE:
             outer = ACTIVE[-1]
