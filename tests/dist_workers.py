@@ -151,11 +151,13 @@ def seed_snippet(fabric):
     with fabric.init_module(empty_init=True):
         model = tiny_llama()
     model = fabric.setup(model)
+    full = {name: p.full_tensor().detach().clone() for name, p in model.named_parameters()}  # what setup made
     optimizer = fabric.setup_optimizers(torch.optim.Adam(model.parameters()))
     loss = model(torch.tensor([[1, 2, 3]])).float().pow(2).mean()
     fabric.backward(loss)
     optimizer.step()
-    return fabric.all_reduce(loss.detach(), reduce_op="mean").item()
+    return {"full": full, "losses": gathered(fabric, loss.item()),
+            "mean": fabric.all_reduce(loss.detach(), reduce_op="mean").item()}
 
 
 def fsdp_load_raw(fabric, path):
