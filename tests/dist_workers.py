@@ -13,28 +13,47 @@ import torchinit
 
 @dataclasses.dataclass
 class Reads:
-    total: int = 0  # every byte a read call returned
+    total: int = 0  # every byte a read call on a file descriptor returned
     spans: list = dataclasses.field(default_factory=list)  # (offset, length) of the positioned reads
+    streams: dict = dataclasses.field(default_factory=dict)  # file name -> (offset, length) of Python file reads
 
     @property
     def distinct(self) -> int:
         """Bytes of the file read at least once (positioned reads)."""
-        done, end = 0, 0
-        for offset, length in sorted(self.spans):
-            done += max(0, offset + length - max(offset, end))
-            end = max(end, offset + length)
-        return done
+        return _distinct(self.spans)
+
+    @property
+    def streamed(self) -> dict[str, int]:
+        """File name -> its bytes read at least once through Python file objects (`open(..., "rb")`,
+        `Path.open("rb")`)."""
+        return {file: _distinct(spans) for file, spans in self.streams.items()}
+
+
+def _distinct(spans) -> int:
+    done, end = 0, 0
+    for offset, length in sorted(spans):
+        done += max(0, offset + length - max(offset, end))
+        end = max(end, offset + length)
+    return done
 
 
 @contextlib.contextmanager
 def bytes_read_from(path):
-    """The bytes this process really reads from `path` (a file, or the files in a folder) while the block runs:
-    `os.preadv` / `os.pread` / `os.readv` / `os.read` wrapped, whatever the reader reports of itself."""
+    """The bytes this process really reads from `path` (a file, or the files in a folder) while the block runs,
+    whatever the reader reports of itself: `os.preadv` / `os.pread` / `os.readv` / `os.read` wrapped (`total`,
+    `distinct`), and binary read-only Python file objects opened there (`streamed`: what their callers read, at
+    the offsets they read it, whatever the buffer below fetched ahead)."""
+    import builtins
+    import io
     import os
     import threading
 
     root, lock, reads = str(Path(path).resolve()), threading.Lock(), Reads()
     originals = {name: getattr(os, name) for name in ("preadv", "pread", "readv", "read")}
+    open_io, open_builtin = io.open, builtins.open
+
+    def inside(where: str) -> bool:
+        return where == root or where.startswith(root + os.sep)
 
     def counting(name):
         original = originals[name]
@@ -45,7 +64,7 @@ def bytes_read_from(path):
                 where = os.readlink(f"/proc/self/fd/{fd}")
             except OSError:
                 return got
-            if where == root or where.startswith(root + os.sep):
+            if inside(where):
                 n = got if isinstance(got, int) else len(got)
                 with lock:
                     reads.total += n
@@ -55,11 +74,48 @@ def bytes_read_from(path):
 
         return read
 
+    class Counted(io.BufferedReader):
+        def _note(self, at: int, n) -> None:
+            with lock:
+                reads.streams.setdefault(Path(self.name).name, []).append((at, n or 0))
+
+        def read(self, size=-1):
+            at = self.tell()
+            data = super().read(size)
+            self._note(at, len(data))
+            return data
+
+        def read1(self, size=-1):
+            at = self.tell()
+            data = super().read1(size)
+            self._note(at, len(data))
+            return data
+
+        def readinto(self, buffer):
+            at = self.tell()
+            n = super().readinto(buffer)
+            self._note(at, n)
+            return n
+
+        def readinto1(self, buffer):
+            at = self.tell()
+            n = super().readinto1(buffer)
+            self._note(at, n)
+            return n
+
+    def opening(file, mode="r", buffering=-1, encoding=None, errors=None, newline=None, closefd=True, opener=None):
+        if (mode == "rb" and buffering != 0 and closefd and opener is None and isinstance(file, (str, os.PathLike))
+                and inside(os.path.realpath(file))):
+            return Counted(io.FileIO(file, "rb"))
+        return open_io(file, mode, buffering, encoding, errors, newline, closefd, opener)
+
     for name in originals:
         setattr(os, name, counting(name))
+    io.open = builtins.open = opening
     try:
         yield reads
     finally:
+        io.open, builtins.open = open_io, open_builtin
         for name, original in originals.items():
             setattr(os, name, original)
 
@@ -151,11 +207,13 @@ def seed_snippet(fabric):
     with fabric.init_module(empty_init=True):
         model = tiny_llama()
     model = fabric.setup(model)
+    full = {name: p.full_tensor().detach().clone() for name, p in model.named_parameters()}  # what setup made
     optimizer = fabric.setup_optimizers(torch.optim.Adam(model.parameters()))
     loss = model(torch.tensor([[1, 2, 3]])).float().pow(2).mean()
     fabric.backward(loss)
     optimizer.step()
-    return fabric.all_reduce(loss.detach(), reduce_op="mean").item()
+    return {"full": full, "losses": gathered(fabric, loss.item()),
+            "mean": fabric.all_reduce(loss.detach(), reduce_op="mean").item()}
 
 
 def fsdp_load_raw(fabric, path):
@@ -248,7 +306,8 @@ def fsdp_checkpoint(fabric, folder):
     again = _full(fresh)
 
     raw, _ = _fsdp_llama(fabric, 8)
-    report = fabric.load_raw(path, raw)  # the DCP folder as a plain checkpoint: the model entry only
+    with bytes_read_from(path) as read:
+        report = fabric.load_raw(path, raw)  # the DCP folder as a plain checkpoint: the model entry only
 
     # atomicity: a write failing on rank 1 leaves the old folder as it was and no new one
     before, original = _folder_bytes(path), FileSystemWriter.write_data
@@ -287,7 +346,8 @@ def fsdp_checkpoint(fabric, folder):
     return {
         "saved": saved, "loaded": loaded, "moments": moments, "loaded_moments": loaded_moments,
         "continued": continued, "again": again, "values": (state["step"], state["info"]), "extra": extra,
-        "raw": _full(raw), "raw_bytes": gathered(fabric, report.bytes), "failures": gathered(fabric, failures),
+        "raw": _full(raw), "raw_bytes": gathered(fabric, report.bytes),
+        "raw_read": gathered(fabric, read.streamed), "failures": gathered(fabric, failures),
         "intact": intact,
         "leftovers": leftovers, "errors": errors, "strict_false": strict_false, "replaced": _full(other),
         "after_replace": sorted(p.name for p in folder.iterdir()),

@@ -66,11 +66,13 @@ def deepspeed_tied_llama(fabric):
     with fabric.init_module(empty_init=True):
         module = tiny_llama()
     model = fabric.setup(module)
+    full = _ds_full(module)  # what setup made, gathered from the partitions
     optimizer = fabric.setup_optimizers(torch.optim.AdamW(module.parameters(), lr=1e-3))
     loss = model(torch.tensor([[1, 2, 3]])).float().pow(2).mean()
     fabric.backward(loss)
     optimizer.step()
-    return {"tied": module.lm_head.weight is module.embed.weight, "loss": float(loss)}
+    return {"tied": module.lm_head.weight is module.embed.weight, "full": full,
+            "losses": gathered(fabric, loss.item())}
 
 
 class NoInitParam(nn.Module):

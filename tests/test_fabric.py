@@ -63,15 +63,33 @@ def test_training_step_and_optimizer_made_before_setup():
 
 
 def test_seed_snippet_from_the_docs():
+    """The README's snippet (empty init, load a checkpoint, setup, one step) is eager's model and eager's loss."""
+    torch.manual_seed(0)
+    checkpoint = small().state_dict()  # fp32, distinct random values: a dropped or misplaced load shows
+    torch.manual_seed(0)
+    want = small().to(torch.bfloat16)  # eager: the checkpoint's model, cast (copy_ into bf16 rounds as .to does)
     fabric = torchinit.Fabric(accelerator="cpu", precision="bf16-true")
     with fabric.init_module(empty_init=True):
         model = small()
-    model.load_state_dict({k: torch.ones_like(v) for k, v in small().state_dict().items()})
+    model.load_state_dict(checkpoint)
     model = fabric.setup(model)
     optimizer = fabric.setup_optimizers(torch.optim.Adam(model.parameters()))
     assert isinstance(optimizer, torch.optim.Adam)
-    fabric.backward(model(torch.ones(1, 4)).sum())
+    got = dict(model.named_parameters())
+    assert got.keys() == dict(want.named_parameters()).keys()
+    for name, value in want.named_parameters():
+        assert torch.equal(got[name], value), f"{name}: the checkpoint's value, as eager casts it"
+    batch = torch.randn(3, 4)
+    loss = model(batch).sum()
+    # one device, the same module on the same values and the same (cast) input: eager's computation exactly
+    eager_loss = want(batch.to(torch.bfloat16)).sum()
+    assert torch.equal(loss, eager_loss)
+    fabric.backward(loss)
     optimizer.step()
+    eager_loss.backward()
+    torch.optim.Adam(want.parameters()).step()
+    for name, value in want.named_parameters():
+        assert torch.equal(got[name], value), f"{name}: after one Adam step, as eager's"
 
 
 def test_single_process_collectives():

@@ -53,8 +53,19 @@ def test_four_ranks_with_the_fake_process_group(world):
 
 
 def test_the_seeds_snippet_under_fsdp():
+    """The seed's code under FSDP (empty init, setup, one step) is eager's model and eager's first loss."""
     fabric = torchinit.Fabric(accelerator="cpu", precision="bf16-true", strategy="fsdp", devices=2, seed=0)
-    assert torch.isfinite(torch.tensor(fabric.launch(seed_snippet)))
+    result = fabric.launch(seed_snippet)
+    want = eager(tiny_llama, torch.bfloat16)
+    params = dict(want.named_parameters())  # the tied head is the embedding: one entry, as under FSDP
+    assert result["full"].keys() == params.keys()
+    for name, value in result["full"].items():
+        assert torch.equal(value, params[name]), f"{name}: setup replayed the record, as eager computes it"
+    with torch.no_grad():
+        loss = want(torch.tensor([[1, 2, 3]])).float().pow(2).mean().item()
+    # FSDP2 all-gathers the full parameters before each forward: every rank runs eager's computation on eager's
+    # values, so the loss is eager's bit for bit (and the mean of two equal floats is that float)
+    assert result["losses"] == [loss, loss] and result["mean"] == loss
 
 
 def test_fsdp_options():

@@ -49,7 +49,13 @@ def test_fsdp_folder_is_a_checkpoint_for_any_model(fsdp):
     assert_same(dict(model.named_parameters()), fsdp["saved"])
     assert_same(fsdp["raw"], fsdp["saved"])
     total = sum(v.numel() * v.element_size() for v in fsdp["saved"].values())
-    assert sum(fsdp["raw_bytes"]) == total and max(fsdp["raw_bytes"]) < total, "each rank read its shards only"
+    assert sum(fsdp["raw_bytes"]) == total and max(fsdp["raw_bytes"]) < total, "the report: each rank its shards"
+    # measured: what each rank's reads through DCP's file objects returned from the data files (.metadata, which
+    # every rank reads whole, aside). Each rank's half of the model is 0.5 * total; each saved chunk adds its
+    # torch.save framing (about 1.3 KB a chunk, 0.53 * total in all, measured); a rank reading every chunk reads
+    # about 1.06 * total. The optimizer's moments, in the same files, are not read at all.
+    data = [sum(n for name, n in read.items() if name != ".metadata") for read in fsdp["raw_read"]]
+    assert all(0.5 * total <= n < 0.6 * total for n in data), f"each rank read its shards only: {data} of {total}"
 
 
 def test_fsdp_folder_loads_into_another_world_size(fsdp):
