@@ -18,6 +18,7 @@ from torchinit.checkpoint import safetensors
 from torchinit.checkpoint.dcp import DcpEntry, read_dcp
 from torchinit.checkpoint.header import CheckpointError, Entry
 from torchinit.core.placement import is_distributed, local_box, local_tensor
+from torchinit.core.text import shorten
 from torchinit.core.values import INF, NAN, nonfinite
 
 
@@ -155,7 +156,7 @@ class Checkpoint(Mapping):
                 entry = self.entries[key]
                 bad.setdefault(entry.path if isinstance(entry, Entry) else self.path, []).append(key)
         if bad:
-            where = "; ".join(f"{file}: {_some(names)}" for file, names in bad.items())
+            where = "; ".join(f"{file}: {shorten(names, 10)}" for file, names in bad.items())
             raise CheckpointError(f"NaN or infinite values in the checkpoint: {where}. A meta or empty-init model "
                                   "is left as it was (a real one was written in place: see the README). Pass "
                                   "allow_nonfinite=True to load them on purpose.")
@@ -208,7 +209,3 @@ def _local_pieces(entry: Entry, t: torch.Tensor, local: torch.Tensor) -> list[tu
         pieces.append((replace(entry, shape=tuple(out.shape), start=entry.start + first * size,
                                end=entry.start + (first + count) * size), out))
     return pieces
-
-
-def _some(names: list[str], limit: int = 10) -> str:
-    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")

@@ -28,6 +28,7 @@ from torchinit.checkpoint.base import Checkpoint
 from torchinit.checkpoint.header import CheckpointError
 from torchinit.checkpoint.opener import open_checkpoint
 from torchinit.checkpoint.partitions import load_partitions
+from torchinit.core.text import shorten
 from torchinit.materialize.materialize import materialize
 
 PREFIXES = ("module.", "_orig_mod.", "model.")
@@ -127,9 +128,9 @@ def match(
                               f"{', '.join(report.mismatched[:10])}. Nothing was loaded.")
     if strict and (report.missing or report.unexpected):
         raise CheckpointError(
-            f"{path}: does not match the model (strict=True). Missing: {_some(report.missing)}. Unexpected: "
-            f"{_some(report.unexpected)}. Nothing was loaded; pass strict=False to load what matches (the rest is "
-            "initialized by the modules' init), or key_map= to rename."
+            f"{path}: does not match the model (strict=True). Missing: {shorten(report.missing, 10)}. "
+            f"Unexpected: {shorten(report.unexpected, 10)}. Nothing was loaded; pass strict=False to load what "
+            "matches (the rest is initialized by the modules' init), or key_map= to rename."
         )
     return names, report
 
@@ -161,7 +162,3 @@ def _match(keys: list[str], groups: dict[str, int], key_map) -> dict[str, str]:
         raise CheckpointError("The checkpoint's keys match the model under several prefixes equally well; pass "
                               "key_map= to say which.")
     return {k: v for k, v in best.items() if k in groups}
-
-
-def _some(names: list[str]) -> str:
-    return "none" if not names else ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
