@@ -23,12 +23,14 @@ import torch.distributed as dist
 from torch import nn
 
 from torchinit.checkpoint.base import local_rows
+from torchinit.checkpoint.header import DTYPES
 from torchinit.checkpoint.sharded_state import agree, save_folder, split_state
 from torchinit.strategies.deepspeed import partition_range
 
-DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-               torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+# The safetensors names of the dtypes an export writes: header.py's table, less the wider unsigned integers, complex
+# and the FNUZ float8s, which an export refuses (torchinit reads them).
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()
+               if name not in {"U16", "U32", "U64", "C64", "F8_E4M3FNUZ", "F8_E5M2FNUZ"}}
 INDEX = "model.safetensors.index.json"
 CHUNK = 64 * 2**20  # bytes copied off a GPU per write
 
