@@ -18,6 +18,8 @@ from torchinit.checkpoint import safetensors
 from torchinit.checkpoint.dcp import DcpEntry, read_dcp
 from torchinit.checkpoint.header import CheckpointError, Entry
 from torchinit.core.placement import is_distributed, local_box, local_tensor
+from torchinit.core.text import shorten
+from torchinit.core.values import INF, NAN, nonfinite
 
 
 class Checkpoint(Mapping):
@@ -140,32 +142,21 @@ class Checkpoint(Mapping):
 
     def _check_values(self, written: list[tuple[str, torch.Tensor]], verdicts: dict[int, int]) -> None:
         """Raise naming the file(s) and keys whose values are not finite (see the class). `verdicts` are those the
-        reader found as it read (0 finite, 1 +-inf, 2 NaN, by id of the tensor); the others take one min/max pass
-        per tensor and one device sync per device."""
+        reader found as it read (`core.values`' FINITE, INF, NAN, by id of the tensor); the others are checked here
+        (`nonfinite`: one min/max pass per tensor, one device sync per device)."""
         if self.allow_nonfinite:
             return
         known = [(k, verdicts[id(t)]) for k, t in written if id(t) in verdicts]
-        floating = [(k, t) for k, t in written if (t.is_floating_point() or t.is_complex()) and t.numel()
-                    and id(t) not in verdicts]
-        extremes: dict[torch.device, list[torch.Tensor]] = {}
-        keys: dict[torch.device, list[str]] = {}
-        with torch.no_grad():
-            for key, t in floating:
-                flat = torch.view_as_real(t.detach()).reshape(-1) if t.is_complex() else t.detach().reshape(-1)
-                flat = flat.half() if flat.itemsize == 1 else flat  # float8s have no aminmax; the cast keeps NaN/inf
-                extremes.setdefault(t.device, []).append(torch.stack(torch.aminmax(flat)).float())
-                keys.setdefault(t.device, []).append(key)
-        for device, values in extremes.items():
-            for key, (low, high) in zip(keys[device], torch.stack(values).cpu().tolist(), strict=True):
-                known.append((key, 2 if low != low or high != high else int(math.isinf(low) or math.isinf(high))))
+        rest = [(k, t) for k, t in written if id(t) not in verdicts]
+        known += zip([k for k, _ in rest], nonfinite([t for _, t in rest]), strict=True)
         order = {k: i for i, (k, _) in enumerate(written)}
         bad: dict[Path, list[str]] = {}
         for key, verdict in sorted(known, key=lambda kv: order[kv[0]]):
-            if verdict == 2 or verdict == 1 and key not in self.inf_ok:
+            if verdict == NAN or verdict == INF and key not in self.inf_ok:
                 entry = self.entries[key]
                 bad.setdefault(entry.path if isinstance(entry, Entry) else self.path, []).append(key)
         if bad:
-            where = "; ".join(f"{file}: {_some(names)}" for file, names in bad.items())
+            where = "; ".join(f"{file}: {shorten(names, 10)}" for file, names in bad.items())
             raise CheckpointError(f"NaN or infinite values in the checkpoint: {where}. A meta or empty-init model "
                                   "is left as it was (a real one was written in place: see the README). Pass "
                                   "allow_nonfinite=True to load them on purpose.")
@@ -218,7 +209,3 @@ def _local_pieces(entry: Entry, t: torch.Tensor, local: torch.Tensor) -> list[tu
         pieces.append((replace(entry, shape=tuple(out.shape), start=entry.start + first * size,
                                end=entry.start + (first + count) * size), out))
     return pieces
-
-
-def _some(names: list[str], limit: int = 10) -> str:
-    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")

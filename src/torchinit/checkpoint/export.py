@@ -23,12 +23,14 @@ import torch.distributed as dist
 from torch import nn
 
 from torchinit.checkpoint.base import local_rows
+from torchinit.checkpoint.header import DTYPES
 from torchinit.checkpoint.sharded_state import agree, save_folder, split_state
-from torchinit.strategies.deepspeed import partition_range
+from torchinit.core.compat_deepspeed import full_shape, is_zero3_param, zero3_local, zero3_partition_range
 
-DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-               torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+# The safetensors names of the dtypes an export writes: header.py's table, less the wider unsigned integers, complex
+# and the FNUZ float8s, which an export refuses (torchinit reads them).
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()
+               if name not in {"U16", "U32", "U64", "C64", "F8_E4M3FNUZ", "F8_E5M2FNUZ"}}
 INDEX = "model.safetensors.index.json"
 CHUNK = 64 * 2**20  # bytes copied off a GPU per write
 
@@ -88,12 +90,8 @@ def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _shape(t: torch.Tensor) -> tuple[int, ...]:
-    return tuple(t.ds_shape) if hasattr(t, "ds_shape") else tuple(t.shape)
-
-
 def _nbytes(t: torch.Tensor) -> int:
-    return math.prod(_shape(t)) * t.dtype.itemsize
+    return math.prod(full_shape(t)) * t.dtype.itemsize
 
 
 def _plan(tensors: dict[str, torch.Tensor], max_shard_size: int) -> dict[str, tuple[bytes, int, list]]:
@@ -110,7 +108,7 @@ def _plan(tensors: dict[str, torch.Tensor], max_shard_size: int) -> dict[str, tu
         header, at = {}, 0
         for key in keys:
             t = tensors[key]
-            header[key] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(_shape(t)),
+            header[key] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(full_shape(t)),
                            "data_offsets": [at, at + _nbytes(t)]}
             at += _nbytes(t)
         header["__metadata__"] = {"format": "pt"}
@@ -126,9 +124,9 @@ def _plan(tensors: dict[str, torch.Tensor], max_shard_size: int) -> dict[str, tu
 
 def _my_pieces(t: torch.Tensor, rank: int) -> list[tuple[int, torch.Tensor]]:
     """(byte offset in the tensor's data, local contiguous tensor) that this rank writes."""
-    if hasattr(t, "ds_id"):  # ZeRO-3: this rank's elements of the flattened parameter
-        start, end = partition_range(t)
-        return [(start * t.dtype.itemsize, t.ds_tensor.data[:end - start])] if end > start else []
+    if is_zero3_param(t):  # ZeRO-3: this rank's elements of the flattened parameter
+        start, end = zero3_partition_range(t)
+        return [(start * t.dtype.itemsize, zero3_local(t).data[:end - start])] if end > start else []
     placements = getattr(t, "placements", None)
     if placements is not None and any(p.is_shard() for p in placements):
         rows = local_rows(t)  # FSDP2: this rank's rows (refuses other layouts)

@@ -28,6 +28,8 @@ from torchinit.checkpoint.base import Checkpoint
 from torchinit.checkpoint.header import CheckpointError
 from torchinit.checkpoint.opener import open_checkpoint
 from torchinit.checkpoint.partitions import load_partitions
+from torchinit.core.compat_deepspeed import full_shape, is_zero3_param
+from torchinit.core.text import shorten
 from torchinit.materialize.materialize import materialize
 
 PREFIXES = ("module.", "_orig_mod.", "model.")
@@ -92,7 +94,7 @@ def load_into(
     params = {id(p) for p in module.parameters()}
     view.allow_nonfinite, view.direct_io = allow_nonfinite, checkpoint.direct_io
     view.inf_ok = frozenset(k for k, v in module.state_dict(keep_vars=True).items() if id(v) not in params)
-    if any(hasattr(p, "ds_id") for p in module.parameters()):  # ZeRO-3 partitions: each rank its slice
+    if any(is_zero3_param(p) for p in module.parameters()):  # ZeRO-3 partitions: each rank its slice
         report.bytes = load_partitions(module, view)
     else:
         result = materialize(module, device, dtype, checkpoint=view)
@@ -120,23 +122,18 @@ def match(
     report.unexpected = sorted(set(checkpoint) - set(names.values()))
     report.missing = sorted(k for k, g in groups.items() if g not in loaded_groups)
     state = module.state_dict(keep_vars=True)
-    report.mismatched = [f"{k} (checkpoint {list(checkpoint.shape(c))}, model {list(_shape(state[k]))})"
-                         for k, c in names.items() if tuple(checkpoint.shape(c)) != _shape(state[k])]
+    report.mismatched = [f"{k} (checkpoint {list(checkpoint.shape(c))}, model {list(full_shape(state[k]))})"
+                         for k, c in names.items() if tuple(checkpoint.shape(c)) != full_shape(state[k])]
     if report.mismatched:
         raise CheckpointError(f"{path}: {len(report.mismatched)} tensor(s) have other shapes than the model's: "
                               f"{', '.join(report.mismatched[:10])}. Nothing was loaded.")
     if strict and (report.missing or report.unexpected):
         raise CheckpointError(
-            f"{path}: does not match the model (strict=True). Missing: {_some(report.missing)}. Unexpected: "
-            f"{_some(report.unexpected)}. Nothing was loaded; pass strict=False to load what matches (the rest is "
-            "initialized by the modules' init), or key_map= to rename."
+            f"{path}: does not match the model (strict=True). Missing: {shorten(report.missing, 10)}. "
+            f"Unexpected: {shorten(report.unexpected, 10)}. Nothing was loaded; pass strict=False to load what "
+            "matches (the rest is initialized by the modules' init), or key_map= to rename."
         )
     return names, report
-
-
-def _shape(t: torch.Tensor) -> tuple[int, ...]:
-    """The full shape, also of a ZeRO-3 partitioned parameter (whose own shape is empty)."""
-    return tuple(t.ds_shape) if hasattr(t, "ds_shape") else tuple(t.shape)
 
 
 def _name_groups(module: nn.Module) -> dict[str, int]:
@@ -161,7 +158,3 @@ def _match(keys: list[str], groups: dict[str, int], key_map) -> dict[str, str]:
         raise CheckpointError("The checkpoint's keys match the model under several prefixes equally well; pass "
                               "key_map= to say which.")
     return {k: v for k, v in best.items() if k in groups}
-
-
-def _some(names: list[str]) -> str:
-    return "none" if not names else ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")

@@ -1,7 +1,7 @@
 """Loading into DeepSpeed's live partitions, each rank only its own elements (no gather, no broadcast): a
 checkpoint's values into ZeRO-3's parameter partitions (`load_partitions`), and into the optimizer's fp32 master
-partitions (`load_masters`, ZeRO 1-3). The partition layout is the strategy's (`strategies.deepspeed`:
-`partition_range`, `Engine.flat_partitions`); the saved ZeRO folder's layout is zero.py's.
+partitions (`load_masters`, ZeRO 1-3). The partition layout is DeepSpeed's (`core.compat_deepspeed`:
+`zero3_partition_range`; `strategies.deepspeed.Engine.flat_partitions`); the saved ZeRO folder's layout is zero.py's.
 """
 
 from __future__ import annotations
@@ -9,7 +9,14 @@ from __future__ import annotations
 from torch import nn
 
 from torchinit.checkpoint.base import Checkpoint
-from torchinit.strategies.deepspeed import Engine, partition_range
+from torchinit.core.compat_deepspeed import (
+    is_zero3_param,
+    zero3_gathered,
+    zero3_local,
+    zero3_partition_range,
+    zero3_release,
+)
+from torchinit.strategies.deepspeed import Engine
 
 
 def load_partitions(module: nn.Module, checkpoint: Checkpoint) -> int:
@@ -20,21 +27,17 @@ def load_partitions(module: nn.Module, checkpoint: Checkpoint) -> int:
     Full copies that a forward left gathered (persistent small parameters) are released first, or they would
     keep the old values; the next forward gathers the new ones.
     """
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
     targets = {k: t for k, t in module.state_dict(keep_vars=True).items() if k in checkpoint}
-    params = list({id(t): t for t in targets.values() if hasattr(t, "ds_id")}.values())
-    gathered = [p for p in params if p.ds_status != ZeroParamStatus.NOT_AVAILABLE]
-    if gathered:
-        gathered[0].partition(gathered)
+    params = list({id(t): t for t in targets.values() if is_zero3_param(t)}.values())
+    zero3_release([p for p in params if zero3_gathered(p)])
     slices, whole, seen = [], [], set()
     for key, t in targets.items():
         if id(t) in seen:  # a tie: its first name is enough
             continue
         seen.add(id(t))
-        if hasattr(t, "ds_id"):
-            start, end = partition_range(t)
-            slices.append((key, start, end, t.ds_tensor.data[: end - start]))
+        if is_zero3_param(t):
+            start, end = zero3_partition_range(t)
+            slices.append((key, start, end, zero3_local(t).data[: end - start]))
         else:
             whole.append((key, t.data))
     return checkpoint.load_slices(slices) + checkpoint.load_into(whole)

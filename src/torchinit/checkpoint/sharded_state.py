@@ -35,6 +35,7 @@ from torchinit.checkpoint.header import CheckpointError
 from torchinit.checkpoint.load_model import load_into, match
 from torchinit.checkpoint.opener import open_checkpoint
 from torchinit.checkpoint.save import exchange, fsync_folder, save_failure
+from torchinit.core.text import shorten
 from torchinit.strategies import deepspeed as ds
 from torchinit.strategies.single import FabricModule
 
@@ -128,7 +129,8 @@ def _check_optimizer(path: Path, name: str, optimizer: torch.optim.Optimizer, ow
     if saved != mine or len(groups) != len(optimizer.param_groups):
         raise CheckpointError(
             f"{path}: the saved optimizer state {name!r} does not fit this optimizer (saved for parameters the "
-            f"optimizer lacks: {_some(saved - mine)}; parameters without saved state: {_some(mine - saved)}; "
+            f"optimizer lacks: {shorten(sorted(saved - mine), 10)}; parameters without saved state: "
+            f"{shorten(sorted(mine - saved), 10)}; "
             f"{len(groups)} param group(s) saved, {len(optimizer.param_groups)} here). Build the optimizer over "
             "the same model and parameter groups as the one saved. Nothing was loaded."
         )
@@ -194,9 +196,9 @@ def _check_deepspeed_folder(path: Path, module: nn.Module | None, stage: int, st
         return
     keys, mine = set(saved.get("module", {})), set(module.state_dict())
     if strict and keys != mine:
-        raise CheckpointError(f"{path}: does not match the model (strict=True). Missing: {_some(mine - keys)}. "
-                              f"Unexpected: {_some(keys - mine)}. Nothing was loaded; pass strict=False to load "
-                              "what matches.")
+        raise CheckpointError(f"{path}: does not match the model (strict=True). Missing: "
+                              f"{shorten(sorted(mine - keys), 10)}. Unexpected: {shorten(sorted(keys - mine), 10)}. "
+                              "Nothing was loaded; pass strict=False to load what matches.")
 
 
 # ---- both: values and the folder ----------------------------------------------------------------------
@@ -335,8 +337,3 @@ def agree(error: BaseException | None, path: Path) -> None:
     if failed:
         rank, message = failed[0]
         raise RuntimeError(f"Saving {path} failed on rank {rank} ({message}); nothing was written there.")
-
-
-def _some(names: set[str] | list[str]) -> str:
-    names = sorted(names)
-    return "none" if not names else ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")

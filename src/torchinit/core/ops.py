@@ -10,7 +10,7 @@ from torch.utils import _pytree as pytree
 from torchinit.core import compat
 
 __all__ = ["METADATA_ONLY", "OVERWRITERS", "UNINITIALIZED", "aliased_result", "spans_storage", "storage_key",
-           "written_args"]
+           "storage_object_id", "written_args"]
 
 aten = torch.ops.aten
 
@@ -28,8 +28,17 @@ METADATA_ONLY = frozenset({aten.zeros_like, aten.ones_like, aten.full_like, aten
 
 
 def storage_key(t: torch.Tensor) -> int:
-    """An id of `t`'s storage that every view of it shares, valid while the storage lives."""
+    """An id of `t`'s storage that every view of it shares (also a fake tensor's), valid while the storage lives:
+    the number to compare storages by. (`storage_object_id` is for tables that watch the storage object die.)"""
     return compat.storage_id(t)
+
+
+def storage_object_id(t: torch.Tensor) -> int:
+    """The id of the Python object of `t`'s storage (`t.untyped_storage()`), for tables that watch that object die
+    (`weakref.finalize`, `weakref.ref`) and drop the id with it (`init.construct.ConstructionMode`). For a real
+    tensor torch keeps one such object per live storage, shared by every view, so the id is stable while the
+    storage lives; a fake tensor's storage object need not be (use `storage_key` there)."""
+    return id(t.untyped_storage())
 
 
 def spans_storage(t: torch.Tensor) -> bool:

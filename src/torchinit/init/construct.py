@@ -24,7 +24,15 @@ from collections import OrderedDict
 import torch
 
 from torchinit.core.compat import DispatchMode, tree_leaves, tree_map
-from torchinit.core.ops import METADATA_ONLY, OVERWRITERS, UNINITIALIZED, aliased_result, spans_storage, written_args
+from torchinit.core.ops import (
+    METADATA_ONLY,
+    OVERWRITERS,
+    UNINITIALIZED,
+    aliased_result,
+    spans_storage,
+    storage_object_id,
+    written_args,
+)
 
 __all__ = ["ConstructionMode"]
 
@@ -79,23 +87,23 @@ class ConstructionMode(DispatchMode):
         self._remember(self.unwritten, t)
 
     def is_unwritten(self, t: torch.Tensor) -> bool:
-        return id(_storage(t)) in self.unwritten
+        return storage_object_id(t) in self.unwritten
 
     def _remember(self, keys: set[int], t: torch.Tensor) -> None:
         """Add t's storage to `keys` until that storage dies, so that a reused id never matches."""
-        s = _storage(t)
-        keys.add(id(s))
-        weakref.finalize(s, keys.discard, id(s))
+        key = storage_object_id(t)
+        keys.add(key)
+        weakref.finalize(_storage(t), keys.discard, key)
 
     def _promoted(self, t: object) -> _Entry | None:
         if not isinstance(t, torch.Tensor) or t.dtype != self.target or t.layout != torch.strided:
             return None
-        return self._entries.get(id(_storage(t)))
+        return self._entries.get(storage_object_id(t))
 
     def _adopt(self, visible: torch.Tensor, shadow: torch.Tensor | None) -> torch.Tensor:
         """Register `visible` (fresh, target dtype) as promoted, with `shadow` as its flat compute copy."""
         s = _storage(visible)
-        key, numel = id(s), s.nbytes() // visible.element_size()
+        key, numel = storage_object_id(visible), s.nbytes() // visible.element_size()
         if numel == 0:
             return visible
         entry = _Entry(numel)
@@ -119,7 +127,7 @@ class ConstructionMode(DispatchMode):
 
     def _shadow_view(self, t: torch.Tensor, entry: _Entry, overwrite: bool) -> torch.Tensor:
         """The compute-dtype twin of `t` (a view of the storage's shadow), creating the shadow if cold."""
-        key = id(_storage(t))
+        key = storage_object_id(t)
         if entry.shadow is None:
             if overwrite and t.numel() == entry.numel:
                 flat = torch.empty(entry.numel, dtype=self.compute, device=t.device)
@@ -143,7 +151,7 @@ class ConstructionMode(DispatchMode):
 
         written = written_args(func, args, kwargs)
         if self.skip_param_writes and written and all(
-            id(_storage(t)) in self.param_storages for t in written.values()
+            storage_object_id(t) in self.param_storages for t in written.values()
         ):
             for t in written.values():  # empty init: parameter memory untouched, so its value is not eager's
                 self.skipped(t)
@@ -152,7 +160,8 @@ class ConstructionMode(DispatchMode):
         packet = func.overloadpacket
         written_ids = {id(t) for t in written.values()}
         reads_unwritten = self.skip_param_writes and packet not in METADATA_ONLY and any(  # garbage in, garbage out
-            id(_storage(x)) in self.unwritten for x in leaves if id(x) not in written_ids or packet not in OVERWRITERS
+            storage_object_id(x) in self.unwritten
+            for x in leaves if id(x) not in written_ids or packet not in OVERWRITERS
         )
         if self.promote and any(self._promoted(t) is not None for t in leaves):
             out = self._run_on_shadows(func, packet, args, kwargs, written)
@@ -164,7 +173,7 @@ class ConstructionMode(DispatchMode):
             if reads_unwritten:
                 self._remember(self.unwritten, t)
             elif spans_storage(t):
-                self.unwritten.discard(id(_storage(t)))
+                self.unwritten.discard(storage_object_id(t))
         if reads_unwritten:
             for t in tree_leaves(out):
                 if isinstance(t, torch.Tensor) and id(t) not in written_ids and t.numel():
@@ -217,7 +226,7 @@ class ConstructionMode(DispatchMode):
             entry = self._promoted(x)
             if entry is None:
                 return x
-            if id(x) not in written_ids and id(_storage(x)) in self.unwritten:
+            if id(x) not in written_ids and storage_object_id(x) in self.unwritten:
                 return x  # reading memory nothing wrote: garbage either way, so no fp32 twin to build
             view = self._shadow_view(x, entry, overwrite and id(x) in written_ids)
             if id(x) in written_ids:

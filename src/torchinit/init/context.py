@@ -26,6 +26,7 @@ from torch.nn.modules import module as module_hooks
 from torchinit.core.dtypes import module_dtype
 from torchinit.core.errors import UsageError
 from torchinit.core.flags import poison_enabled
+from torchinit.core.ops import storage_object_id
 from torchinit.core.patching import init_functions, patched
 from torchinit.init.construct import ConstructionMode
 from torchinit.record import pending
@@ -235,7 +236,7 @@ def _skip_init_functions(param_storages: set[int], skipped=None) -> AbstractCont
         @functools.wraps(fn)
         def wrapper(tensor, *args, **kwargs):
             if isinstance(tensor, torch.Tensor) and (
-                tensor.device.type == "meta" or id(tensor.untyped_storage()) in param_storages
+                tensor.device.type == "meta" or storage_object_id(tensor) in param_storages
             ):
                 if skipped is not None and tensor.device.type != "meta":
                     skipped(tensor)  # its value is not eager's now: pending (G9)

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from torchinit.core.errors import VerificationError
-from torchinit.core.placement import local_tensor
 from torchinit.core.text import shorten
+from torchinit.core.values import INF, NAN, nonfinite
 from torchinit.record import pending
 
 __all__ = ["Ties", "tie_groups", "verify"]
@@ -61,28 +61,9 @@ def _named_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 def _bad_values(tensors: list[tuple[str, torch.Tensor]], module: nn.Module) -> list[str]:
     params = {id(p) for p in module.parameters()}
-    floating = [(n, t) for n, t in tensors if (t.is_floating_point() or t.is_complex()) and t.numel()]
-    extremes: dict[torch.device, list[torch.Tensor]] = {}
-    order: dict[torch.device, list[tuple[str, bool]]] = {}
-    with torch.no_grad():
-        for name, t in floating:
-            is_param = id(t) in params
-            t = local_tensor(t)  # a DTensor: check this rank's shard
-            if not t.numel():
-                continue
-            flat = torch.view_as_real(t.detach()).reshape(-1) if t.is_complex() else t.detach().reshape(-1)
-            flat = flat.half() if flat.itemsize == 1 else flat  # float8s have no aminmax; the cast keeps NaN/inf
-            low, high = torch.aminmax(flat)  # NaN propagates into both; +-inf shows in one
-            extremes.setdefault(t.device, []).append(torch.stack([low, high]).float())
-            order.setdefault(t.device, []).append((name, is_param))
-    not_finite, nan = [], []
-    for device, pairs in extremes.items():
-        values = torch.stack(pairs).cpu().tolist()
-        for (name, is_param), (low, high) in zip(order[device], values, strict=True):
-            if low != low or high != high:
-                nan.append(name)
-            elif is_param and (abs(low) == float("inf") or abs(high) == float("inf")):
-                not_finite.append(name)
+    verdicts = nonfinite([t for _, t in tensors])
+    nan = [name for (name, _), v in zip(tensors, verdicts, strict=True) if v == NAN]
+    not_finite = [name for (name, t), v in zip(tensors, verdicts, strict=True) if v == INF and id(t) in params]
     problems = []
     if nan:
         problems.append(f"NaN (uninitialized or NaN-poisoned memory, or a broken init) in: {shorten(nan)}")

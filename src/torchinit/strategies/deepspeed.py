@@ -28,8 +28,9 @@ from torch.nn.modules import module as module_hooks
 from torch.utils.weak import WeakIdKeyDictionary
 
 from torchinit.core.compat import DispatchMode, tree_map
+from torchinit.core.compat_deepspeed import full_shape, is_zero3_param, zero3_local, zero3_numel, zero3_partition_range
 from torchinit.core.dtypes import module_dtype
-from torchinit.core.ops import aliased_result, written_args
+from torchinit.core.ops import aliased_result, storage_key, written_args
 from torchinit.materialize.inits import init_for, post_order
 from torchinit.materialize.materialize import materialize
 from torchinit.materialize.memory import Need, check_fits, work_nbytes
@@ -105,16 +106,16 @@ class _PartitionedWrites(DispatchMode):
                 param._torchinit_unwritten = True  # setup gives it its module's init
 
     def _owner(self, t: torch.Tensor) -> nn.Parameter | None:
-        storage = t.untyped_storage()
+        key = storage_key(t)
         for p in self.params:
-            if hasattr(p, "ds_id") and p.untyped_storage() is storage:
+            if is_zero3_param(p) and storage_key(p) == key:
                 return p
         return None
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         written = [t for t in written_args(func, args, kwargs).values() if t.numel() == 0]
-        owners = [p for p in map(self._owner, written) if p is not None and p.ds_numel > 0]
+        owners = [p for p in map(self._owner, written) if p is not None and zero3_numel(p) > 0]
         if not owners:
             return func(*args, **kwargs)
         if self.skip:
@@ -149,7 +150,7 @@ def initialize_partitioned(module: nn.Module) -> list[str]:
             if init is None:
                 hopeless.append(f"'{path or '<root>'}' ({type(owner).__name__})")
                 continue
-            full = {n: nn.Parameter(torch.empty(p.ds_shape, dtype=p.dtype, device=p.ds_tensor.device),
+            full = {n: nn.Parameter(torch.empty(full_shape(p), dtype=p.dtype, device=zero3_local(p).device),
                                     requires_grad=p.requires_grad) for n, p in own}
             for n, _ in own:
                 owner._parameters[n] = full[n]
@@ -209,18 +210,9 @@ def partition_needs(module: nn.Module, device: torch.device, dtype: torch.dtype)
 
 
 def _keep_partition(param: nn.Parameter, full: torch.Tensor) -> None:
-    """Copy this rank's slice of `full` into the ZeRO-3 partition (see `partition_range`)."""
-    start, end = partition_range(param)
-    param.ds_tensor[: end - start].copy_(full.detach().reshape(-1)[start:end])
-
-
-def partition_range(param: nn.Parameter) -> tuple[int, int]:
-    """This rank's elements [start, end) of the flattened parameter, as DeepSpeed partitions: the flattened
-    tensor cut into `partition_numel()` pieces, one per rank, the last one padded. The strategy writes its init
-    through it; checkpoint/ (partitions.py, export.py) reads and writes partitions through it."""
-    size = param.partition_numel()
-    start = min(size * torch.distributed.get_rank(param.ds_process_group), param.ds_numel)
-    return start, min(start + size, param.ds_numel)
+    """Copy this rank's slice of `full` into the ZeRO-3 partition (see `zero3_partition_range`)."""
+    start, end = zero3_partition_range(param)
+    zero3_local(param)[: end - start].copy_(full.detach().reshape(-1)[start:end])
 
 
 class Engine:
@@ -265,7 +257,7 @@ class Engine:
         """This rank's fp32 partitions (the tensors the wrapped optimizer steps), each with the parameter
         elements it holds: (parameter, first element, end, offset in the partition). ZeRO 1/2: a group's
         parameters are flattened into one buffer cut into equal partitions; ZeRO 3: each parameter is cut on its
-        own and a partition is its pieces in order (see `partition_range`)."""
+        own and a partition is its pieces in order (see `zero3_partition_range`)."""
         zero = self.engine.optimizer
         out = []
         if hasattr(zero, "single_partition_of_fp32_groups"):
@@ -283,8 +275,8 @@ class Engine:
             for i, flat in enumerate(zero.fp16_partitioned_groups_flat):
                 members = []
                 for p in zero.fp16_groups[i]:
-                    start, end = partition_range(p)
-                    members.append((p, start, end, _offset(p.ds_tensor, flat)))
+                    start, end = zero3_partition_range(p)
+                    members.append((p, start, end, _offset(zero3_local(p), flat)))
                 out.append((zero.fp32_partitioned_groups_flat[i], members))
         else:
             raise RuntimeError(f"DeepSpeed's optimizer {type(zero).__name__} keeps no ZeRO fp32 partitions that "
