@@ -59,7 +59,7 @@ def test_a_failed_export_leaves_nothing_and_says_where(exported):
     errors = exported["errors"]
     assert "format='safetensors' saves one module's tensors; this state has ['model', 'step']" in errors["two things"]
     assert "format='onnx' is not supported" in errors["format"]
-    assert "failed on rank 1 (OSError: [Errno 28]" in errors["rank 1 fails"]  # the full-disk error, named
+    assert "failed on rank 1 (SaveError: [Errno 28]" in errors["rank 1 fails"]  # the full-disk error, named
     assert "no temporary file was left behind" in errors["rank 1 fails"]
     assert exported["leftovers"] == ["fsdp-many", "fsdp-one", "zero3-many", "zero3-one"], "no temporary left"
 

@@ -139,9 +139,9 @@ def test_bf16_mixed_runs_in_bf16_on_fp32_shards(two):
 
 def test_errors_name_what_to_change(two):
     errors = two["errors"]
-    assert errors["returns_none"].startswith("TypeError: parallelize_fn must return") and "return model" in \
+    assert errors["returns_none"].startswith("ArgumentTypeError: parallelize_fn must return") and "return model" in \
         errors["returns_none"]
-    assert errors["heads"].startswith("ValueError: tensor_parallel_size=2 does not divide") and \
+    assert errors["heads"].startswith("ConfigurationError: tensor_parallel_size=2 does not divide") and \
         "'layers.0.attn' (Attention: num_heads=3, num_kv_heads=3)" in errors["heads"]
     assert "config.num_key_value_heads=3" in errors["hf_heads"] and "Nothing was changed" in errors["hf_heads"]
     assert "has none. Pass parallelize_fn=fn" in errors["no_plan"] and "Llama" in errors["no_plan"]

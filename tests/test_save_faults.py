@@ -79,7 +79,7 @@ def test_disk_full_during_a_two_rank_save_loses_nothing(strategy, small_disk):
         fabric = torchinit.Fabric(accelerator="cpu", strategy=strategy, devices=2, precision="32-true")
         result = fabric.launch(disk_full_save, str(small_disk))
     for message in result["errors"]:  # every rank raises the clear error; none hangs (DDP: rank 0's, shared)
-        assert_disk_full_error(message.removeprefix("OSError: [Errno 28] "), small_disk / "ckpt")
+        assert_disk_full_error(message.removeprefix("SaveError: [Errno 28] "), small_disk / "ckpt")
     if strategy == "ddp":
         assert result["errors"][1].startswith(f"CheckpointError: {small_disk / 'ckpt'}: rank 0 could not save it")
     assert result["intact"], "the previous folder is byte for byte as it was"

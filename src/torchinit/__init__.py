@@ -4,12 +4,17 @@ from torchinit.checkpoint.base import Checkpoint
 from torchinit.checkpoint.load_model import LoadReport, load_checkpoint
 from torchinit.checkpoint.opener import open_checkpoint
 from torchinit.core.errors import (
+    ArgumentTypeError,
     CheckpointError,
     ConfigurationError,
     InsufficientMemoryError,
     MaterializeError,
+    MissingKeyError,
+    RankError,
     RecordError,
+    SaveError,
     TorchinitError,
+    UnsupportedError,
     UsageError,
     VerificationError,
 )
@@ -25,10 +30,11 @@ from torchinit.record.pending import unwritten_names
 from torchinit.record.recording import RecordedInit
 
 __all__ = [
-    "Checkpoint", "CheckpointError", "ConfigurationError", "DeepSpeedStrategy", "FSDPStrategy", "Fabric",
-    "InitContext", "InsufficientMemoryError", "LoadReport", "MaterializeError", "MaterializeReport",
-    "ModelParallelStrategy", "RecordContext", "RecordError", "RecordedInit", "TorchinitError", "UsageError",
-    "VerificationError", "load_checkpoint", "materialize",
-    "nan_poison", "open_checkpoint", "register_init", "seed_everything", "tie_groups", "unwritten_names", "verify",
+    "ArgumentTypeError", "Checkpoint", "CheckpointError", "ConfigurationError", "DeepSpeedStrategy", "FSDPStrategy",
+    "Fabric", "InitContext", "InsufficientMemoryError", "LoadReport", "MaterializeError", "MaterializeReport",
+    "MissingKeyError", "ModelParallelStrategy", "RankError", "RecordContext", "RecordError", "RecordedInit",
+    "SaveError", "TorchinitError", "UnsupportedError", "UsageError", "VerificationError", "load_checkpoint",
+    "materialize", "nan_poison", "open_checkpoint", "register_init", "seed_everything", "tie_groups",
+    "unwritten_names", "verify",
 ]
 __version__ = "0.1.0"

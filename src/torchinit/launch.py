@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from torchinit.core.errors import ConfigurationError, RankError, UsageError
 from torchinit.plan import Plan
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -57,7 +58,7 @@ def from_environment(plan: Plan) -> Ranks | None:
         return None
     world_size = int(os.environ["WORLD_SIZE"])
     if world_size != plan.world_size:
-        raise ValueError(
+        raise ConfigurationError(
             f"The environment says WORLD_SIZE={world_size}, but this Fabric was made for {plan.world_size} "
             f"process(es) (devices={len(plan.device_indices)} x num_nodes={plan.num_nodes}). Make devices and "
             "num_nodes match torchrun's --nproc-per-node and --nnodes."
@@ -72,7 +73,7 @@ def from_group(plan: Plan) -> Ranks | None:
         return None
     world_size, rank, per_node = dist.get_world_size(), dist.get_rank(), len(plan.device_indices)
     if world_size != plan.world_size:
-        raise ValueError(
+        raise ConfigurationError(
             f"The process group already made has {world_size} rank(s), but this Fabric was made for "
             f"{plan.world_size} (devices={per_node} x num_nodes={plan.num_nodes}). Make them match, or make the "
             "Fabric before the process group and let launch() start it."
@@ -123,12 +124,12 @@ def spawn(make_fabric: Callable[[], Any], plan: Plan, fn: Callable, args: tuple)
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as error:
             failures = sorted(_load(path) for path in Path(folder).glob("error-*.pkl"))
             if not failures:
-                raise RuntimeError(f"Rank {error.error_index} of {count} failed ({error}); the other ranks were "
-                                   "stopped.") from None
+                raise RankError(f"Rank {error.error_index} of {count} failed ({error}); the other ranks were "
+                                "stopped.") from None
             _, rank, trace = failures[0]
             later = "".join(f"\nrank {r} failed after it: {t.strip().splitlines()[-1]}" for _, r, t in failures[1:])
-            raise RuntimeError(f"Rank {rank} of {count} failed first; the other ranks were stopped.{later}\n"
-                               f"Rank {rank}'s error:\n{trace}") from None
+            raise RankError(f"Rank {rank} of {count} failed first; the other ranks were stopped.{later}\n"
+                            f"Rank {rank}'s error:\n{trace}") from None
         result = Path(folder) / "result.pkl"
         return _load(result) if result.exists() else None
 
@@ -165,15 +166,15 @@ def _worker(local_rank: int, make_fabric: Callable[[], Any], fn: Callable, args:
 def start_script_ranks(plan: Plan) -> tuple[Ranks, str]:
     """Re-run this script for local ranks 1..N-1 with torchrun's variables; this process is rank 0."""
     if plan.num_nodes > 1:
-        raise RuntimeError(
+        raise UsageError(
             f"num_nodes={plan.num_nodes}: start every node with torchrun (--nnodes, --nproc-per-node); "
             "Fabric.launch() only starts processes on this machine."
         )
     port, count = free_port(), len(plan.device_indices)
     command = [sys.executable, *sys.orig_argv[1:]]
     if len(command) < 2 or command[1] == "-c" and len(command) < 3:
-        raise RuntimeError("launch() without a function re-runs this script, but there is no script (interactive "
-                           "session): call launch(fn, *args) instead.")
+        raise UsageError("launch() without a function re-runs this script, but there is no script (interactive "
+                         "session): call launch(fn, *args) instead.")
     base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(count)}
     children = [
         subprocess.Popen(command, env={**base, "RANK": str(r), "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": str(count)})

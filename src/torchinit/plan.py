@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from torchinit.core.errors import ConfigurationError, UnsupportedError
+
 # canonical precision -> (dtype of parameters, autocast dtype or None)
 PRECISIONS: dict[str, tuple[torch.dtype, torch.dtype | None]] = {
     "64-true": (torch.float64, None),
@@ -72,7 +74,7 @@ class DeepSpeedStrategy:
 
     def __post_init__(self) -> None:
         if self.stage not in (1, 2, 3):
-            raise ValueError(f"DeepSpeedStrategy(stage={self.stage!r}): ZeRO stages are 1, 2 and 3.")
+            raise ConfigurationError(f"DeepSpeedStrategy(stage={self.stage!r}): ZeRO stages are 1, 2 and 3.")
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,7 @@ class ModelParallelStrategy:
         for name in ("data_parallel_size", "tensor_parallel_size"):
             value = getattr(self, name)
             if value != "auto" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"ModelParallelStrategy({name}={value!r}): use a positive number or 'auto'.")
+                raise ConfigurationError(f"ModelParallelStrategy({name}={value!r}): use a positive number or 'auto'.")
         dp, tp = self.data_parallel_size, self.tensor_parallel_size
         if dp == "auto" and tp == "auto":
             dp, tp = num_nodes, world_size // num_nodes
@@ -112,7 +114,7 @@ class ModelParallelStrategy:
         elif tp == "auto":
             tp = world_size // dp if world_size % dp == 0 else 0
         if dp * tp != world_size:
-            raise ValueError(
+            raise ConfigurationError(
                 f"ModelParallelStrategy(data_parallel_size={self.data_parallel_size!r}, tensor_parallel_size="
                 f"{self.tensor_parallel_size!r}): the mesh must hold all {world_size} processes (devices x num_nodes)"
                 f", so the two sizes must multiply to {world_size}. Change one of them (or devices).")
@@ -162,7 +164,7 @@ def parse_precision(precision: object, accelerator: str) -> str:
     name = _PRECISION_ALIASES.get(precision, precision)
     if name not in PRECISIONS:
         allowed = sorted(PRECISIONS) + [repr(a) for a in _PRECISION_ALIASES]
-        raise ValueError(f"precision={precision!r} is not supported. Choose one of: {', '.join(allowed)}.")
+        raise ConfigurationError(f"precision={precision!r} is not supported. Choose one of: {', '.join(allowed)}.")
     if name == "16-mixed" and accelerator == "cpu":
         warnings.warn(
             "precision='16-mixed' is not supported on CPU (float16 autocast needs a GPU); using 'bf16-mixed'.",
@@ -174,22 +176,25 @@ def parse_precision(precision: object, accelerator: str) -> str:
 
 def resolve_accelerator(accelerator: str) -> str:
     if accelerator not in ACCELERATORS:
-        raise ValueError(f"accelerator={accelerator!r} is not supported. Choose one of: {', '.join(ACCELERATORS)}.")
+        raise ConfigurationError(f"accelerator={accelerator!r} is not supported. Choose one of: "
+                                 f"{', '.join(ACCELERATORS)}.")
     cuda, mps = torch.cuda.is_available(), _mps_available()
     if accelerator == "auto":
         return "cuda" if cuda else "mps" if mps else "cpu"
     if accelerator == "gpu":
         if not (cuda or mps):
-            raise RuntimeError("accelerator='gpu' was requested, but neither CUDA nor MPS is available here.")
+            raise UnsupportedError("accelerator='gpu' was requested, but neither CUDA nor MPS is available here. Use "
+                                   "accelerator='cpu' or 'auto'.")
         return "cuda" if cuda else "mps"
     if accelerator == "cuda" and not cuda:
-        raise RuntimeError(
+        raise UnsupportedError(
             "accelerator='cuda' was requested, but CUDA is not available (torch "
             f"{torch.__version__}, torch.cuda.is_available() is False). Use accelerator='cpu' or 'auto', "
             "or install a CUDA build of torch."
         )
     if accelerator == "mps" and not mps:
-        raise RuntimeError("accelerator='mps' was requested, but MPS is not available on this machine.")
+        raise UnsupportedError("accelerator='mps' was requested, but MPS is not available on this machine. Use "
+                               "accelerator='cpu' or 'auto'.")
     return accelerator
 
 
@@ -215,18 +220,19 @@ def resolve_devices(accelerator: str, devices: object, multi_process: bool) -> t
     elif isinstance(devices, (list, tuple)) and devices and all(isinstance(d, int) for d in devices):
         indices = list(devices)
     else:
-        raise ValueError(f"devices={devices!r} is not valid: use a positive number, 'auto', -1, or a list like [0, 1].")
+        raise ConfigurationError(f"devices={devices!r} is not valid: use a positive number, 'auto', -1, or a list like "
+                                 "[0, 1].")
     if len(set(indices)) != len(indices):
-        raise ValueError(f"devices={devices!r} names a device twice.")
+        raise ConfigurationError(f"devices={devices!r} names a device twice; list each index once.")
     if accelerator == "cpu":
         if isinstance(devices, (list, tuple)) and indices != list(range(len(indices))):
-            raise ValueError(
+            raise ConfigurationError(
                 f"devices={devices!r}: CPU processes are counted, not indexed; use devices={len(indices)}."
             )
     elif accelerator == "mps" and indices != [0]:
-        raise ValueError(f"devices={devices!r}: MPS has one device; use devices=1.")
+        raise ConfigurationError(f"devices={devices!r}: MPS has one device; use devices=1.")
     elif any(not 0 <= i < count for i in indices):
-        raise ValueError(
+        raise ConfigurationError(
             f"devices={devices!r} asks for {accelerator} devices {indices}, but this machine has {count} "
             f"{accelerator} device(s) (valid indices: 0..{count - 1})."
         )
@@ -240,19 +246,19 @@ def resolve_strategy(strategy: object, num_devices: int) -> str:
         return "model_parallel"
     if isinstance(strategy, DeepSpeedStrategy) or strategy in DEEPSPEED_STAGES:
         if importlib.util.find_spec("deepspeed") is None:
-            raise RuntimeError(f"strategy={strategy!r} needs DeepSpeed, which is not installed: "
-                               "`pip install deepspeed` (on a machine without a GPU, also set DS_ACCELERATOR=cpu).")
+            raise UnsupportedError(f"strategy={strategy!r} needs DeepSpeed, which is not installed: "
+                                   "`pip install deepspeed` (on a machine without a GPU, also set DS_ACCELERATOR=cpu).")
         return "deepspeed"
     if strategy == "auto":
         return "ddp" if num_devices > 1 else "single_device"
     if strategy == "single_device":
         if num_devices > 1:
-            raise ValueError(f"strategy='single_device' runs one process, but devices asks for {num_devices}: "
-                             "use strategy='ddp' (or 'auto').")
+            raise ConfigurationError(f"strategy='single_device' runs one process, but devices asks for {num_devices}: "
+                                     "use strategy='ddp' (or 'auto').")
         return "single_device"
     if strategy in AVAILABLE_MULTI_PROCESS:
         return "fsdp" if strategy == "fsdp" else "ddp"
-    raise ValueError(
+    raise ConfigurationError(
         f"strategy={strategy!r} is not supported. Choose one of: "
         f"{', '.join(SINGLE_DEVICE_STRATEGIES + MULTI_PROCESS_STRATEGIES)}."
     )
@@ -270,7 +276,7 @@ def _options(strategy: object, resolved: str) -> FSDPStrategy | DeepSpeedStrateg
 
 def make_plan(accelerator: str, strategy: object, devices: object, num_nodes: int, precision: object) -> Plan:
     if not isinstance(num_nodes, int) or isinstance(num_nodes, bool) or num_nodes < 1:
-        raise ValueError(f"num_nodes={num_nodes!r} is not valid: use a positive number.")
+        raise ConfigurationError(f"num_nodes={num_nodes!r} is not valid: use a positive number.")
     resolved_accelerator = resolve_accelerator(accelerator)
     objects = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
     wants_many = isinstance(strategy, objects) or strategy not in SINGLE_DEVICE_STRATEGIES or num_nodes > 1
@@ -281,7 +287,7 @@ def make_plan(accelerator: str, strategy: object, devices: object, num_nodes: in
         options = options.resolved(len(indices) * num_nodes, num_nodes)
         given = _PRECISION_ALIASES.get(precision, precision) if isinstance(precision, (str, int)) else precision
         if given in PRECISIONS and given not in MODEL_PARALLEL_PRECISIONS:  # before '16-mixed' turns into bf16 on CPU
-            raise ValueError(
+            raise ConfigurationError(
                 f"ModelParallelStrategy does not support precision={precision!r}: fp16 autocast needs a gradient "
                 "scaler, which does not work on tensor-parallel shards. Choose one of: "
                 f"{', '.join(MODEL_PARALLEL_PRECISIONS)}.")

@@ -26,6 +26,7 @@ from torchinit.checkpoint.base import local_rows
 from torchinit.checkpoint.header import DTYPES
 from torchinit.checkpoint.sharded_state import agree, save_folder, split_state
 from torchinit.core.compat_deepspeed import full_shape, is_zero3_param, zero3_local, zero3_partition_range
+from torchinit.core.errors import ConfigurationError
 
 # The safetensors names of the dtypes an export writes: header.py's table, less the wider unsigned integers, complex
 # and the FNUZ float8s, which an export refuses (torchinit reads them).
@@ -41,13 +42,15 @@ def save_safetensors_folder(path: str | os.PathLike, state: dict[str, Any], max_
     path = Path(path)
     modules, optimizers, values = split_state(state)
     if len(modules) != 1 or optimizers or values:
-        raise ValueError(f"{path}: format='safetensors' saves one module's tensors; this state has {sorted(state)}. "
-                         "Save the model alone ({'model': model}), and the training state with the default format.")
+        raise ConfigurationError(
+            f"{path}: format='safetensors' saves one module's tensors; this state has {sorted(state)}. "
+            "Save the model alone ({'model': model}), and the training state with the default format.")
     module = next(iter(modules.values()))
     tensors = _tensors(module)
     bad = [f"{n} ({t.dtype})" for n, t in tensors.items() if t.dtype not in DTYPE_NAMES]
     if bad:
-        raise ValueError(f"{path}: safetensors cannot hold {', '.join(bad[:5])}.")
+        raise ConfigurationError(f"{path}: safetensors cannot hold {', '.join(bad[:5])}. Convert them to a dtype it "
+                                 "holds (or drop them), or save with the default format.")
     files = _plan(tensors, max_shard_size)
 
     def write(folder: Path) -> None:

@@ -100,7 +100,8 @@ def _parse(path: Path, raw: bytes) -> dict:
         text = raw.decode("utf-8")
         text.encode("utf-8")  # lone surrogates from \ud800-style escapes are not UTF-8 either
         if not text.startswith("{"):
-            raise ValueError("it does not start with '{'")
+            raise CheckpointError(f"{path}: the safetensors header is not one valid JSON object (it does not start "
+                                  "with '{').")
         header = json.loads(text, object_pairs_hook=pairs, parse_constant=constant)
     except (ValueError, UnicodeError, RecursionError) as error:
         if isinstance(error, CheckpointError):

@@ -132,7 +132,8 @@ def _open(path: Path, state: dict[str, Any]) -> Source:
 
 def _one(path: Path, things: dict, what: str) -> str | None:
     if len(things) > 1:
-        raise ValueError(f"{path}: holds one {what}; the state has {sorted(things)}.")
+        raise CheckpointError(f"{path}: holds one {what}; the state has {sorted(things)}. Load it into a state with "
+                              f"one {what}.")
     return next(iter(things), None)
 
 

@@ -16,12 +16,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchinit.core.errors import ConfigurationError, SaveError
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
     """Call `write(temporary_path)`, then move the result to `path` in one step (or remove it on failure).
 
-    An I/O failure is raised as one `OSError` that names `path`, says why (the disk's free space when it is
-    full) and that the checkpoint already there is untouched."""
+    An I/O failure is raised as one `SaveError` (an `OSError`) that names `path`, says why (the disk's free space
+    when it is full) and that the checkpoint already there is untouched."""
     path = Path(path)
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -41,9 +43,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
 FULL = 2**20  # a filesystem with less free space than this when a write failed is taken to be full
 
 
-def save_failure(path: Path, error: BaseException) -> OSError | None:
-    """A clear `OSError` for an I/O failure while saving `path` (None for other errors: a value that cannot be
-    pickled is the caller's to see as it is). Call it before removing what the save wrote.
+def save_failure(path: Path, error: BaseException) -> SaveError | None:
+    """A clear `SaveError` (an `OSError`, its errno kept) for an I/O failure while saving `path` (None for other
+    errors: a value that cannot be pickled is the caller's to see as it is). Call it before removing what the save
+    wrote.
 
     Writers report a full disk in their own words: its errno is found in the exception chain or the message; and
     torch's zip writer only says "unexpected pos", so a filesystem left with less than `FULL` bytes free counts as
@@ -63,7 +66,7 @@ def save_failure(path: Path, error: BaseException) -> OSError | None:
     if code in (errno.ENOSPC, errno.EDQUOT):
         free = shutil.disk_usage(path.parent).free
         why += f" ({free:,} bytes free on the filesystem of {path.parent})"
-    return OSError(code, f"Saving {path} failed: {why}. The checkpoint that was at {path} (if any) is as it was, "
+    return SaveError(code, f"Saving {path} failed: {why}. The checkpoint that was at {path} (if any) is as it was, "
                          "and no temporary file was left behind. Free some space (or save elsewhere) and save again.")
 
 
@@ -90,7 +93,8 @@ def exchange(a: Path, b: Path) -> bool:
     code = ctypes.get_errno()
     if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EXDEV):
         return False
-    raise OSError(code, f"cannot swap {a} and {b}: {os.strerror(code)}")
+    raise SaveError(code, f"Saving {b} failed: cannot swap the new {a.name} into its place ({os.strerror(code)}). "
+                          f"The checkpoint at {b} is as it was; save again (or to another folder).")
 
 
 def fsync_folder(folder: Path) -> None:
@@ -113,8 +117,8 @@ def save_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
     if path.suffix == ".safetensors":
         modules = [v for v in state.values() if isinstance(v, nn.Module)]
         if len(modules) != 1 or len(state) != 1:
-            raise ValueError(f"{path}: a .safetensors file holds one module's tensors; this state has "
-                             f"{sorted(state)}. Save it to a .pt/.ckpt path instead.")
+            raise ConfigurationError(f"{path}: a .safetensors file holds one module's tensors; this state has "
+                                     f"{sorted(state)}. Save it to a .pt/.ckpt path instead.")
         from safetensors.torch import save_file
 
         tensors, seen = {}, set()

@@ -35,6 +35,7 @@ from torchinit.checkpoint.header import CheckpointError
 from torchinit.checkpoint.load_model import load_into, match
 from torchinit.checkpoint.opener import open_checkpoint
 from torchinit.checkpoint.save import exchange, fsync_folder, save_failure
+from torchinit.core.errors import ConfigurationError, MissingKeyError, RankError, UsageError
 from torchinit.core.text import shorten
 from torchinit.strategies import deepspeed as ds
 from torchinit.strategies.single import FabricModule
@@ -73,7 +74,8 @@ def save_fsdp(path: str | os.PathLike, state: dict[str, Any]) -> None:
         try:
             dcp_save(tensors, storage_writer=FileSystemWriter(folder))
         except CheckpointException as error:  # a BaseException: it would pass through `except Exception`
-            raise RuntimeError(f"writing the shards failed: {dcp_failures(error)}") from None
+            raise RankError(f"Saving {path} failed while writing the shards ({dcp_failures(error)}); nothing "
+                            "was written there.") from None
 
     save_folder(Path(path), write, values, state)
 
@@ -115,8 +117,8 @@ def optimizer_owner(path: str | os.PathLike, name: str, optimizer: torch.optim.O
     for module in modules.values():
         if mine <= {id(p) for p in module.parameters()}:
             return module
-    raise ValueError(f"{path}: the optimizer {name!r} updates parameters of none of the modules in the state "
-                     f"({sorted(modules) or 'there are none'}); put its model in the same state dict.")
+    raise ConfigurationError(f"{path}: the optimizer {name!r} updates parameters of none of the modules in the state "
+                             f"({sorted(modules) or 'there are none'}); put its model in the same state dict.")
 
 
 def _check_optimizer(path: Path, name: str, optimizer: torch.optim.Optimizer, owner: nn.Module,
@@ -171,14 +173,15 @@ def engine_for(path: str | os.PathLike, state: dict[str, Any], engine: ds.Engine
     """DeepSpeed's engine, after checking that `state` holds nothing it does not save: the one module set up
     (and its optimizer)."""
     if engine is None or engine.engine is None:
-        raise RuntimeError(f"fabric.{what} under DeepSpeed goes through its engine, which does not exist yet: call "
-                           "fabric.setup(model, optimizer) (or setup_optimizers) first.")
+        raise UsageError(f"fabric.{what} under DeepSpeed goes through its engine, which does not exist yet: call "
+                         "fabric.setup(model, optimizer) (or setup_optimizers) first.")
     modules, optimizers, _ = split_state(state)
     others = [k for k, m in modules.items() if m is not engine.module]
     others += [k for k, o in optimizers.items() if not isinstance(o, ds.EngineOptimizer) or not o.belongs_to(engine)]
     if others or len(modules) > 1:
-        raise ValueError(f"{path}: under DeepSpeed the state can hold the model set up and its optimizer only (the "
-                         f"engine saves those); {sorted(others) or sorted(modules)} are not them.")
+        raise ConfigurationError(
+            f"{path}: under DeepSpeed the state can hold the model set up and its optimizer only (the "
+            f"engine saves those); {sorted(others) or sorted(modules)} are not them.")
     return engine.engine
 
 
@@ -206,7 +209,7 @@ def keep_held(path: Path, state: dict[str, Any], held: set[str], strict: bool) -
     """The entries of `state` that the checkpoint holds (`held`: its keys); under `strict` one it lacks is an error."""
     absent = [k for k in state if k not in held]
     if absent and strict:
-        raise KeyError(f"{path}: has no {absent}; it holds {sorted(held)}. Pass strict=False to skip them.")
+        raise MissingKeyError(f"{path}: has no {absent}; it holds {sorted(held)}. Pass strict=False to skip them.")
     return {k: v for k, v in state.items() if k in held}
 
 
@@ -336,4 +339,4 @@ def agree(error: BaseException | None, path: Path) -> None:
     failed = [(rank, message) for rank, message in enumerate(outcomes) if message is not None]
     if failed:
         rank, message = failed[0]
-        raise RuntimeError(f"Saving {path} failed on rank {rank} ({message}); nothing was written there.")
+        raise RankError(f"Saving {path} failed on rank {rank} ({message}); nothing was written there.")

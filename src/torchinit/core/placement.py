@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from torchinit.core import compat
+from torchinit.core.errors import ConfigurationError
 
 __all__ = ["is_distributed", "local_box", "local_part", "local_tensor"]
 
@@ -27,8 +28,8 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
 def _check(t: torch.Tensor) -> None:
     partial = [p for p in t.placements if p.is_partial()]
     if partial:
-        raise ValueError(f"a DTensor with placements {t.placements} holds partial sums: no rank's part is a slice of "
-                         "the full value; use Shard or Replicate placements for parameters.")
+        raise ConfigurationError(f"a DTensor with placements {t.placements} holds partial sums: no rank's part is a "
+                                 "slice of the full value; use Shard or Replicate placements for parameters.")
 
 
 def _coordinate(target: torch.Tensor) -> list[int]:
@@ -40,7 +41,8 @@ def _coordinate(target: torch.Tensor) -> list[int]:
     layout = target.device_mesh.mesh
     found = (layout == dist.get_rank()).nonzero()
     if found.shape[0] != 1:
-        raise ValueError(f"rank {dist.get_rank()} is not in the DTensor's device mesh {layout.tolist()}.")
+        raise ConfigurationError(f"rank {dist.get_rank()} is not in the DTensor's device mesh {layout.tolist()}: "
+                                 "only the ranks of its mesh can fill or read it; shard it on a mesh of every rank.")
     return found[0].tolist()
 
 
@@ -49,7 +51,8 @@ def local_part(target: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     each Shard/_StridedShard split as `distribute_tensor` splits it (torch.chunk layout), Replicate kept whole."""
     _check(target)
     if tuple(value.shape) != tuple(target.shape):
-        raise ValueError(f"the full value has shape {tuple(value.shape)}, the DTensor {tuple(target.shape)}")
+        raise ConfigurationError(f"the full value has shape {tuple(value.shape)}, the DTensor {tuple(target.shape)}: "
+                                 "give the full tensor of the DTensor's global shape.")
     mesh, local = target.device_mesh, value.detach()
     for d, (placement, index) in enumerate(zip(target.placements, _coordinate(target), strict=True)):
         if isinstance(placement, compat.shard_placements()):
@@ -66,8 +69,8 @@ def local_box(target: torch.Tensor) -> tuple[tuple[int, int], ...]:
         return _box_from_indices(target)
     shape, offset = computed
     if tuple(shape) != tuple(target.to_local().shape):
-        raise ValueError(f"cannot place this rank's part of a DTensor with placements {target.placements}: its "
-                         f"local shape {tuple(target.to_local().shape)} is not the computed {tuple(shape)}.")
+        raise ConfigurationError(f"cannot place this rank's part of a DTensor with placements {target.placements}: its "
+                                 f"local shape {tuple(target.to_local().shape)} is not the computed {tuple(shape)}.")
     return tuple(zip(offset, shape, strict=True))
 
 
@@ -84,6 +87,8 @@ def _box_from_indices(target: torch.Tensor) -> tuple[tuple[int, int], ...]:
         indices = part[tuple(slice(None) if e == d else 0 for e in range(len(target.shape)))]
         start = int(indices[0]) if len(indices) else 0
         if not torch.equal(indices, torch.arange(start, start + len(indices))):
-            raise ValueError(f"this rank's part of a DTensor with placements {target.placements} is not one block")
+            raise ConfigurationError(f"this rank's part of a DTensor with placements {target.placements} is not one "
+                                     "block, which reading only this rank's bytes needs: use Shard or Replicate "
+                                     "placements.")
         box.append((start, len(indices)))
     return tuple(box)

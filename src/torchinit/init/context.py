@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.modules import module as module_hooks
 
 from torchinit.core.dtypes import module_dtype
-from torchinit.core.errors import UsageError
+from torchinit.core.errors import ConfigurationError, UsageError
 from torchinit.core.flags import poison_enabled
 from torchinit.core.ops import storage_object_id
 from torchinit.core.patching import init_functions, patched
@@ -104,7 +104,7 @@ class InitContext:
         if ACTIVE:
             outer = ACTIVE[-1]
             if outer.plan() != self.plan():
-                raise ValueError(
+                raise ConfigurationError(
                     f"Cannot open an init context ({self._describe()}) inside another one with a different plan "
                     f"({outer._describe()}). Close the outer context first, or use the same Fabric for both."
                 )

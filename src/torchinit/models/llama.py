@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchinit.core.errors import ConfigurationError
+
 
 @dataclass(frozen=True)
 class LlamaConfig:
@@ -71,7 +73,7 @@ def config_for(size: str) -> LlamaConfig:
     try:
         return _PRESETS[size]
     except KeyError:
-        raise ValueError(f"unknown size {size!r}; choose one of {', '.join(_PRESETS)}") from None
+        raise ConfigurationError(f"unknown size {size!r}; choose one of {', '.join(_PRESETS)}") from None
 
 
 def num_parameters(cfg: LlamaConfig) -> int:

@@ -30,6 +30,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from torchinit.core.compat import DispatchMode, tree_map
 from torchinit.core.compat_deepspeed import full_shape, is_zero3_param, zero3_local, zero3_numel, zero3_partition_range
 from torchinit.core.dtypes import module_dtype
+from torchinit.core.errors import ConfigurationError, MaterializeError, UnsupportedError, UsageError
 from torchinit.core.ops import aliased_result, storage_key, written_args
 from torchinit.materialize.inits import init_for, post_order
 from torchinit.materialize.materialize import materialize
@@ -53,7 +54,8 @@ def param_dtype(plan: Plan) -> torch.dtype:
     if plan.precision in ("16-true", "16-mixed"):
         return torch.float16
     if plan.precision == "64-true":
-        raise ValueError("DeepSpeed does not train in float64: use precision '32-true', 'bf16-mixed' or '16-mixed'.")
+        raise ConfigurationError(
+            "DeepSpeed does not train in float64: use precision '32-true', 'bf16-mixed' or '16-mixed'.")
     return torch.float32
 
 
@@ -121,7 +123,7 @@ class _PartitionedWrites(DispatchMode):
         if self.skip:
             return aliased_result(func, args, kwargs)
         if len(owners) != 1 or len(written) != 1 or tuple(written[0].shape) != (0,):
-            raise RuntimeError(
+            raise UnsupportedError(
                 f"{func} writes into a ZeRO-3 partitioned parameter through a view; torchinit can apply whole-tensor "
                 "writes only. Initialize it inside its module's __init__, or with empty_init=True and a checkpoint."
             )
@@ -164,7 +166,7 @@ def initialize_partitioned(module: nn.Module) -> list[str]:
                 p.__dict__.pop("_torchinit_unwritten", None)
                 names.append(f"{path}.{n}" if path else n)
     if hopeless:
-        raise RuntimeError(
+        raise MaterializeError(
             f"These modules were built with empty_init=True under ZeRO-3 and have no reset_parameters() to "
             f"initialize them: {', '.join(hopeless)}. Load a checkpoint, or give them an init method."
         )
@@ -226,7 +228,7 @@ class Engine:
 
     def start(self, optimizer: torch.optim.Optimizer | None) -> None:
         if self.engine is not None:
-            raise RuntimeError(
+            raise UsageError(
                 "The DeepSpeed engine was already created (by an earlier setup_optimizers or a forward without an "
                 "optimizer). Pass the optimizer to setup(model, optimizer) or setup_optimizers(optimizer) before "
                 "the first forward."
@@ -279,8 +281,8 @@ class Engine:
                     members.append((p, start, end, _offset(zero3_local(p), flat)))
                 out.append((zero.fp32_partitioned_groups_flat[i], members))
         else:
-            raise RuntimeError(f"DeepSpeed's optimizer {type(zero).__name__} keeps no ZeRO fp32 partitions that "
-                               "torchinit can fill (ZeRO stage 1-3 without offload are supported).")
+            raise UnsupportedError(f"DeepSpeed's optimizer {type(zero).__name__} keeps no ZeRO fp32 partitions that "
+                                   "torchinit can fill (ZeRO stage 1-3 without offload are supported).")
         return out
 
 
@@ -301,7 +303,8 @@ class EngineOptimizer:
 
     def step(self, closure=None):
         if closure is not None:
-            raise ValueError("optimizer.step(closure) is not supported with DeepSpeed.")
+            raise ConfigurationError("optimizer.step(closure) is not supported with DeepSpeed: compute the loss, call "
+                                     "fabric.backward(loss), then optimizer.step().")
         self._engine.engine.step()
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -26,6 +26,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from torchinit.core.errors import ArgumentTypeError, ConfigurationError
 from torchinit.materialize.inits import post_order
 from torchinit.materialize.materialize import materialize
 from torchinit.materialize.verify import tie_groups, verify
@@ -73,8 +74,9 @@ def _covers_all_meta(module: nn.Module, recorded) -> bool:
 
 def _shard_kwargs(plan: Plan, options: FSDPStrategy) -> dict:
     if options.cpu_offload and plan.device.type != "cuda":
-        raise ValueError("FSDPStrategy(cpu_offload=True) moves shards from a GPU to the CPU; on CPU there is nothing "
-                         "to offload. Use cpu_offload=False.")
+        raise ConfigurationError(
+            "FSDPStrategy(cpu_offload=True) moves shards from a GPU to the CPU; on CPU there is nothing "
+            "to offload. Use cpu_offload=False.")
     offload = CPUOffloadPolicy() if options.cpu_offload else OffloadPolicy()
     mixed = MixedPrecisionPolicy(param_dtype=plan.autocast_dtype, reduce_dtype=torch.float32) if plan.mixed \
         else MixedPrecisionPolicy()
@@ -118,7 +120,8 @@ def _policy(wrap: WrapPolicy, root: nn.Module) -> Callable[[nn.Module], bool]:
         return wrap
     classes = tuple(wrap)
     if not all(isinstance(c, type) and issubclass(c, nn.Module) for c in classes):
-        raise TypeError(f"FSDPStrategy(wrap=...) takes module classes, a predicate or None, not {wrap!r}.")
+        raise ArgumentTypeError(f"FSDPStrategy(wrap=...) takes module classes, a predicate or None, not {wrap!r}: pass "
+                                "e.g. wrap={MyBlock} or wrap=lambda module: ....")
     return lambda m: isinstance(m, classes)
 
 

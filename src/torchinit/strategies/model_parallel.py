@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from torchinit.core.errors import ArgumentTypeError, ConfigurationError
 from torchinit.core.placement import is_distributed, local_part
 from torchinit.materialize.inits import post_order
 from torchinit.materialize.materialize import materialize, swap_in
@@ -49,9 +50,10 @@ def shard(module: nn.Module, plan: Plan, mesh: DeviceMesh) -> tuple[nn.Module, d
     fn = options.parallelize_fn or tp_plan.parallelize_fn_for(module, mesh, plan)
     parallelized = fn(module, mesh)
     if not isinstance(parallelized, nn.Module):
-        raise TypeError(f"parallelize_fn must return the parallelized nn.Module (usually the model it was given), "
-                        f"but {getattr(fn, '__name__', fn)!r} returned {type(parallelized).__name__}. Add "
-                        "`return model` at its end.")
+        raise ArgumentTypeError(
+            f"parallelize_fn must return the parallelized nn.Module (usually the model it was given), "
+            f"but {getattr(fn, '__name__', fn)!r} returned {type(parallelized).__name__}. Add "
+            "`return model` at its end.")
     _check_heads(module, heads, mesh)
     _check_ties(module, ties)
     recorded = records_of(module)
@@ -100,8 +102,9 @@ def _check_heads(module: nn.Module, heads: dict[int, dict[str, int]], mesh: Devi
     innermost = [p for p in bad if not any(o != p and o.startswith(f"{p}.") or (not p and o) for o in bad)]
     if innermost:
         bad = [f"'{p or '<root>'}' ({type(module.get_submodule(p)).__name__}: {', '.join(bad[p])})" for p in innermost]
-        raise ValueError(f"tensor_parallel_size={tp} does not divide the head counts of {', '.join(bad[:5])}: each "
-                         "rank must hold whole attention heads. Choose a tensor_parallel_size that divides them.")
+        raise ConfigurationError(
+            f"tensor_parallel_size={tp} does not divide the head counts of {', '.join(bad[:5])}: each "
+            "rank must hold whole attention heads. Choose a tensor_parallel_size that divides them.")
 
 
 def _tensor_parallel(p: torch.Tensor, mesh: DeviceMesh) -> bool:
@@ -116,9 +119,10 @@ def _check_ties(module: nn.Module, ties) -> None:
     now = tie_groups(module)
     lost = [" = ".join(sorted(g)) for g in ties - now]
     if lost:
-        raise ValueError(f"parallelize_fn split tied parameters ({', '.join(lost)}): they are one tensor in the model, "
-                         "and sharding one name but not the other makes two. Leave them out of the TP plan, or shard "
-                         "every module that uses them in the same way.")
+        raise ConfigurationError(
+            f"parallelize_fn split tied parameters ({', '.join(lost)}): they are one tensor in the model, "
+            "and sharding one name but not the other makes two. Leave them out of the TP plan, or shard "
+            "every module that uses them in the same way.")
 
 
 def _materialize_by_module(module: nn.Module, plan: Plan, recorded) -> None:

@@ -20,6 +20,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
+from torchinit.core.errors import ConfigurationError
 from torchinit.core.placement import is_distributed
 from torchinit.materialize.verify import Ties, tie_groups
 from torchinit.plan import Plan
@@ -65,19 +66,21 @@ def parallelize_fn_for(module: nn.Module, mesh: DeviceMesh, plan: Plan) -> Calla
     do not divide by the TP size."""
     styles = model_plan(module)
     if not styles:
-        raise ValueError(f"ModelParallelStrategy(parallelize_fn=None) needs a model with a tensor-parallel plan (a "
-                         f"transformers model's _tp_plan / config.base_model_tp_plan); {type(module).__name__} has "
-                         "none. Pass parallelize_fn=fn, where fn(model, device_mesh) applies parallelize_module on "
-                         "device_mesh['tensor_parallel'] and fully_shard on device_mesh['data_parallel'] and "
-                         "returns the model.")
+        raise ConfigurationError(
+            f"ModelParallelStrategy(parallelize_fn=None) needs a model with a tensor-parallel plan (a "
+            f"transformers model's _tp_plan / config.base_model_tp_plan); {type(module).__name__} has "
+            "none. Pass parallelize_fn=fn, where fn(model, device_mesh) applies parallelize_module on "
+            "device_mesh['tensor_parallel'] and fully_shard on device_mesh['data_parallel'] and "
+            "returns the model.")
     tp = mesh["tensor_parallel"].size()
     config = getattr(module, "config", None)
     for name in ("num_attention_heads", "num_key_value_heads"):
         count = getattr(config, name, None)
         if isinstance(count, int) and count % tp:
-            raise ValueError(f"tensor_parallel_size={tp} does not divide {type(module).__name__}'s config.{name}="
-                             f"{count}: each rank must hold whole attention heads. Choose a tensor_parallel_size that"
-                             " divides it. Nothing was changed.")
+            raise ConfigurationError(
+                f"tensor_parallel_size={tp} does not divide {type(module).__name__}'s config.{name}="
+                f"{count}: each rank must hold whole attention heads. Choose a tensor_parallel_size that"
+                " divides it. Nothing was changed.")
     layers = {k for k, s in styles.items() if s in STYLES and _layers_only(module, k)}
     known = {k: STYLES[styles[k]]() for k in layers}
     skipped = sorted(f"{k} ({s})" for k, s in styles.items() if k not in layers)
