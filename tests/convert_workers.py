@@ -46,7 +46,7 @@ def _state(fabric, module, optimizer) -> dict:
     if fabric.plan.strategy != "deepspeed":
         return {n: {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).clone()
                     for k, v in optimizer.state[p].items()} for n, p in module.named_parameters()}
-    engine = fabric._engine
+    engine = fabric.strategy.engine
     names = {id(p): n for n, p in module.named_parameters()}
     base = engine.engine.optimizer.optimizer
     pieces = []  # (name, key, start, values) from this rank's partitions

@@ -16,7 +16,8 @@ from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_modul
 import torchinit
 from torchinit.core.placement import local_box
 from torchinit.models.llama import Llama, LlamaConfig, parallelize
-from torchinit.strategies import fsdp, model_parallel, single
+from torchinit.strategies import model_parallel
+from torchinit.strategies.base import remap_optimizer
 
 SEED = 3
 
@@ -65,9 +66,9 @@ def setup_on(fabric, module: nn.Module, dp: int, tp: int, fn=parallelize_llama, 
     options = dataclasses.replace(fabric.plan.options, parallelize_fn=fn, data_parallel_size=dp,
                                   tensor_parallel_size=tp)
     plan = dataclasses.replace(fabric.plan, options=options, param_dtype=dtype or fabric.plan.param_dtype)
-    mesh = model_parallel.device_mesh(plan)
-    wrapped, mapping = single.setup_module(module, plan, mesh)
-    return wrapped, mapping
+    strategy = model_parallel.ModelParallel(plan, model_parallel.device_mesh(plan))
+    wrapped = strategy.setup_module(module)
+    return wrapped, strategy.sharded
 
 
 def describe(model: nn.Module) -> dict:
@@ -117,7 +118,7 @@ def training(fabric, dp: int, tp: int, make, fn) -> dict:
     model = build(fabric, make, dtype=torch.float32)
     early = torch.optim.AdamW(model.parameters(), lr=1e-2)
     wrapped, mapping = setup_on(fabric, model, dp, tp, fn, dtype=torch.float32)
-    fsdp.remap_optimizer(early, mapping)
+    remap_optimizer(early, mapping)
     out = train_steps(wrapped, early)
     late = torch.optim.SGD(wrapped.parameters(), lr=1e-2)
     out["late"] = train_steps(wrapped, late, steps=1)["losses"]
@@ -173,7 +174,7 @@ def mixed(fabric) -> dict:
                                   tensor_parallel_size=2)
     plan = dataclasses.replace(fabric.plan, options=options, precision="bf16-mixed", param_dtype=torch.float32,
                                autocast_dtype=torch.bfloat16)
-    wrapped, _ = single.setup_module(module, plan, model_parallel.device_mesh(plan))
+    wrapped = model_parallel.ModelParallel(plan, model_parallel.device_mesh(plan)).setup_module(module)
     logits = wrapped(IDS).logits
     logits.float().mean().backward()
     return {"logits": logits.detach(), "dtypes": sorted({str(p.dtype) for p in wrapped.parameters()})}
@@ -187,7 +188,7 @@ def without_record(fabric, dp: int, tp: int) -> dict:
                                   tensor_parallel_size=tp, record_init=False)
     plan = dataclasses.replace(fabric.plan, options=options)
     torch.manual_seed(SEED)
-    wrapped, _ = single.setup_module(module, plan, model_parallel.device_mesh(plan))
+    wrapped = model_parallel.ModelParallel(plan, model_parallel.device_mesh(plan)).setup_module(module)
     return describe(wrapped.module)
 
 

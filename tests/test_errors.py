@@ -22,8 +22,6 @@ import torchinit
 from torchinit.core import errors
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-# The lead is splitting these two and converts their raises himself; drop them from here when that lands.
-PENDING = {"torchinit/fabric.py", "torchinit/strategies/single.py"}
 # Raised as the protocol asks, not as an error of torchinit: `SystemExit` ends the CLI, `__getattr__` says "no such
 # attribute" with AttributeError.
 PROTOCOL = {("SystemExit", None), ("AttributeError", "__getattr__")}
@@ -32,10 +30,8 @@ PROTOCOL = {("SystemExit", None), ("AttributeError", "__getattr__")}
 def _files() -> list[tuple[str, Path]]:
     found = []
     for path in sorted((SRC / "torchinit").rglob("*.py")):
-        relative = path.relative_to(SRC).as_posix()
-        if relative not in PENDING:
-            parts = path.relative_to(SRC).with_suffix("").parts
-            found.append((".".join(parts[:-1] if parts[-1] == "__init__" else parts), path))
+        parts = path.relative_to(SRC).with_suffix("").parts
+        found.append((".".join(parts[:-1] if parts[-1] == "__init__" else parts), path))
     return found
 
 
@@ -188,10 +184,9 @@ def test_a_bad_precision_is_a_configuration_error():
         torchinit.Fabric(accelerator="cpu", devices=0)
 
 
-@pytest.mark.xfail(strict=True, reason="fabric.py's raises are converted with its split (issue 18 item 4)")
 def test_setup_before_launch_is_a_usage_error():
     fabric = torchinit.Fabric(accelerator="cpu", strategy="ddp", devices=2)
-    with pytest.raises(RuntimeError, match="call fabric.launch"):  # today: a RuntimeError
+    with pytest.raises(RuntimeError, match="call fabric.launch"):  # the builtin base still catches it
         fabric.setup(nn.Linear(2, 2))
     with pytest.raises(torchinit.UsageError):
         fabric.setup(nn.Linear(2, 2))

@@ -112,7 +112,7 @@ def test_fp16_mixed_on_cuda_scales_gradients():
     fabric.backward(out.float().sum())
     assert isinstance(optimizer, torch.optim.SGD)
     optimizer.step()
-    assert fabric._scaler.get_scale() > 0
+    assert fabric.strategy.scaler.get_scale() > 0
 
 
 def test_launch_joins_a_process_group_the_caller_made():

@@ -4,7 +4,7 @@ param groups) and never steps with scaled gradients. `GradScaler("cpu")` shows i
 import pytest
 import torch
 
-from torchinit.strategies.single import setup_optimizer
+from torchinit.strategies.wrappers import setup_optimizer
 
 
 def _model_and_grads(scaler=None):

@@ -1,4 +1,5 @@
-"""Fabric: the front door. It composes the plan, the init context and the strategy; no logic of its own."""
+"""Fabric: the front door. It composes the plan, the strategy (strategies/base.py's protocol) and the checkpoint
+readers; it never asks which strategy it runs, and saves / loads by the strategy's state layout."""
 
 from __future__ import annotations
 
@@ -6,8 +7,7 @@ import atexit
 import functools
 import os
 import random
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -16,14 +16,15 @@ from torch import nn
 
 from torchinit import launch as launcher
 from torchinit.checkpoint import export, load_state, sharded_state
-from torchinit.checkpoint.header import CheckpointError
 from torchinit.checkpoint.load_model import load_checkpoint
 from torchinit.checkpoint.save import save_state
+from torchinit.core.errors import ArgumentTypeError, CheckpointError, ConfigurationError, UsageError
 from torchinit.init.context import InitContext
-from torchinit.init.record import RecordContext
 from torchinit.plan import make_plan
-from torchinit.strategies import deepspeed as ds
-from torchinit.strategies import fsdp, model_parallel, single
+from torchinit.strategies.base import Layout, Strategy
+from torchinit.strategies.model_parallel import ModelParallel
+from torchinit.strategies.select import strategy_for
+from torchinit.strategies.wrappers import FabricModule, autocast, check_optimizer
 
 
 class Fabric:
@@ -52,11 +53,8 @@ class Fabric:
         self._args = dict(accelerator=accelerator, strategy=strategy, devices=devices, num_nodes=num_nodes,
                           precision=precision, seed=seed)
         self.plan = make_plan(accelerator, strategy, devices, num_nodes, precision)
-        self._scaler = single.grad_scaler(self.plan)
+        self.strategy: Strategy = strategy_for(self.plan)
         self._ranks = launcher.Ranks()
-        self._sharded: dict[int, nn.Parameter] = {}  # id(parameter before setup) -> the one sharding made
-        self._engine: ds.Engine | None = None  # DeepSpeed's, once setup made it
-        self._mesh = None  # model parallel: the 2-D device mesh, made once the processes are joined
         self._launched = not self.plan.multi_process
         if seed is not None:
             seed_everything(seed)
@@ -90,60 +88,32 @@ class Fabric:
     def device_mesh(self):
         """The `DeviceMesh` of ModelParallelStrategy: 2-D, dims "data_parallel" (outer) and "tensor_parallel";
         `fabric.device_mesh["tensor_parallel"]` is the 1-D mesh of one dimension. Made in `launch()`."""
-        if self.plan.strategy != "model_parallel":
-            raise RuntimeError(f"fabric.device_mesh belongs to ModelParallelStrategy; this Fabric runs "
-                               f"strategy={self.plan.strategy!r}.")
+        if not isinstance(self.strategy, ModelParallel):
+            raise UsageError(f"fabric.device_mesh belongs to ModelParallelStrategy; this Fabric runs "
+                             f"strategy={self.plan.strategy!r}.")
         self._require_launch("fabric.device_mesh")
-        if self._mesh is None:
-            self._mesh = model_parallel.device_mesh(self.plan)
-        return self._mesh
+        if self.strategy.mesh is None:
+            self.strategy.start()
+        return self.strategy.mesh
 
     def _require_launch(self, what: str) -> None:
         if not self._launched:
-            raise RuntimeError(
+            raise UsageError(
                 f"{what} with strategy={self.plan.strategy!r} needs the processes first: call fabric.launch() "
                 "(or fabric.launch(fn, *args)) before it."
             )
 
     # ---- construct -------------------------------------------------------------------------------
-    def init_module(self, empty_init: bool | None = None) -> InitContext | RecordContext:
+    def init_module(self, empty_init: bool | None = None) -> Any:
         """Build modules on the device in the precision's dtype; `empty_init=True` skips all init work.
 
         Without empty init the model equals, bit for bit, the eager model built with the same seed on the
         device and then cast to the precision's dtype. With empty init, parameter memory is uninitialized
-        until a checkpoint or `setup` writes it; reading it in forward raises.
+        until a checkpoint or `setup` writes it; reading it in forward raises. Under FSDP and model parallel the
+        parameters stay on meta until `setup` (the init is recorded and replayed shard by shard).
         """
         self._require_launch("init_module()")
-        if self.plan.strategy == "deepspeed":
-            return self._deepspeed_init(bool(empty_init))
-        # FSDP and model parallel never build the full model: parameters on meta, materialized shard by shard in
-        # setup; by default their init is recorded (with or without empty_init: it is cheap) and replayed there.
-        sharded = self.plan.strategy in ("fsdp", "model_parallel")
-        if sharded and self.plan.options.record_init:
-            return RecordContext(self.plan.device, self.plan.param_dtype)
-        if empty_init and not sharded:  # record now, replay what no checkpoint writes (unwritten.py)
-            return RecordContext(self.plan.device, self.plan.param_dtype, empty_init=True)
-        if not sharded and self.plan.param_dtype != torch.get_default_dtype():
-            # G8: the constructor runs in eager's dtypes on fake tensors; each value is computed as eager does and
-            # stored cast at exit, one tensor at a time (never an fp32 copy of the model)
-            return RecordContext(self.plan.device, self.plan.param_dtype, replay=True)
-        meta = sharded
-        return InitContext(self.plan.device, self.plan.param_dtype, empty_init=bool(empty_init), meta=meta)
-
-    def _deepspeed_init(self, empty_init: bool) -> InitContext | RecordContext:
-        """ZeRO-3: record (setup replays into the partitions). Else the engine's dtype, and for ZeRO-3 without
-        the record `deepspeed.zero.Init` (partition each module as it is built)."""
-        if self.plan.options.stage == 3 and self.plan.options.record_init:
-            return RecordContext(self.plan.device, ds.param_dtype(self.plan))
-        return self._deepspeed_eager_init(empty_init)
-
-    @contextmanager
-    def _deepspeed_eager_init(self, empty_init: bool) -> Iterator[None]:
-        with ExitStack() as stack:
-            if self.plan.options.stage == 3:
-                stack.enter_context(ds.zero_init(self.plan, self.plan.options, skip_writes=empty_init))
-            stack.enter_context(InitContext(self.plan.device, ds.param_dtype(self.plan), empty_init=empty_init))
-            yield
+        return self.strategy.init_context(bool(empty_init))
 
     def init_tensor(self) -> InitContext:
         """Tensors created inside land on the device in the precision's dtype."""
@@ -155,38 +125,21 @@ class Fabric:
         """`setup_module(module)`, and `setup_optimizers(*optimizers)` if any are given."""
         self._require_launch("setup()")
         for optimizer in optimizers:  # before the model changes, so that an error leaves it as it was
-            single.check_optimizer(optimizer, model_set_up=False)
+            check_optimizer(optimizer, model_set_up=False)
         wrapped = self.setup_module(module)
         if not optimizers:
             return wrapped
-        return (wrapped, *(self._setup_optimizer(opt) for opt in optimizers))
+        return (wrapped, *(self.strategy.setup_optimizer(opt) for opt in optimizers))
 
-    def setup_module(self, module: nn.Module) -> single.FabricModule:
+    def setup_module(self, module: nn.Module) -> FabricModule:
+        """Materialize (each tensor from its one source), shard and wrap `module` as the strategy does."""
         self._require_launch("setup_module()")
-        mesh = self.device_mesh if self.plan.strategy == "model_parallel" else None
-        wrapped, sharded = single.setup_module(module, self.plan, mesh)
-        self._sharded.update(sharded)
-        if isinstance(wrapped._forward_module, ds.Engine):
-            self._engine = wrapped._forward_module
-        return wrapped
+        return self.strategy.setup_module(module)
 
     def setup_optimizers(self, *optimizers: torch.optim.Optimizer) -> Any:
         self._require_launch("setup_optimizers()")
-        wrapped = [self._setup_optimizer(opt) for opt in optimizers]
+        wrapped = [self.strategy.setup_optimizer(opt) for opt in optimizers]
         return wrapped[0] if len(wrapped) == 1 else tuple(wrapped)
-
-    def _setup_optimizer(self, optimizer: torch.optim.Optimizer) -> Any:
-        single.check_optimizer(optimizer, model_set_up=False)
-        if self.plan.strategy == "deepspeed":
-            if self._engine is None:
-                raise RuntimeError("Under DeepSpeed the engine needs the model: call fabric.setup(model) before "
-                                   "setup_optimizers(optimizer), or fabric.setup(model, optimizer).")
-            self._engine.start(optimizer)
-            return ds.EngineOptimizer(self._engine)
-        if self._sharded:  # made from the parameters before sharding: point it at the shards
-            fsdp.remap_optimizer(optimizer, self._sharded)
-        single.check_optimizer(optimizer)
-        return single.setup_optimizer(optimizer, self._scaler)
 
     # ---- save and load -----------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, state: dict[str, Any], format: str | None = None) -> None:
@@ -201,12 +154,14 @@ class Fabric:
             export.save_safetensors_folder(path, state)
             return
         if format is not None:
-            raise ValueError(f"format={format!r} is not supported: use None (the strategy's own) or 'safetensors'.")
-        if self.plan.strategy in ("fsdp", "model_parallel"):  # DCP: each rank its shards, any placement
+            raise ConfigurationError(f"format={format!r} is not supported: use None (the strategy's own) or "
+                                     "'safetensors'.")
+        layout = self.strategy.layout
+        if layout is Layout.DCP:  # each rank its shards, any placement
             sharded_state.save_fsdp(path, state)
             return
-        if self.plan.strategy == "deepspeed":
-            sharded_state.save_deepspeed(path, state, self._engine)
+        if layout is Layout.DEEPSPEED:
+            sharded_state.save_deepspeed(path, state, self.strategy.engine)
             return
         self._on_rank_zero(lambda: save_state(path, state), f"{os.fspath(path)}: rank 0 could not save it")
 
@@ -241,21 +196,22 @@ class Fabric:
         folder also into another mesh shape) and DeepSpeed `state` is required and each rank reads only its own
         shards into the modules and optimizers given. `strict` also checks module keys. `allow_nonfinite` (one
         device / DDP): load NaN / +-inf module values instead of raising."""
-        if self.plan.strategy in ("fsdp", "model_parallel", "deepspeed"):
+        layout = self.strategy.layout
+        if layout is not Layout.FILE:
             if allow_nonfinite:
-                raise ValueError(f"fabric.load(allow_nonfinite=True) is for one device or DDP; under "
+                raise ConfigurationError(f"fabric.load(allow_nonfinite=True) is for one device or DDP; under "
                                  f"strategy={self.plan.strategy!r} load the model with "
                                  "fabric.load_raw(path, model, allow_nonfinite=True).")
             if not state:
-                raise ValueError(f"fabric.load under strategy={self.plan.strategy!r} reads shards into the objects "
-                                 "they belong to: pass state={'model': model, 'optimizer': optimizer, ...}.")
-            dtype = ds.param_dtype(self.plan) if self.plan.strategy == "deepspeed" else self.plan.param_dtype
-            target = "fsdp" if self.plan.strategy == "model_parallel" else self.plan.strategy  # DTensors either way
-            return load_state.load(path, state, strict, target, self.device, dtype, self._engine)
+                raise ConfigurationError(f"fabric.load under strategy={self.plan.strategy!r} reads shards into the "
+                                         "objects they belong to: pass state={'model': model, 'optimizer': "
+                                         "optimizer, ...}.")
+            return load_state.load(path, state, strict, layout, self.device, self.strategy.param_dtype,
+                                   getattr(self.strategy, "engine", None))
         if state is None:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return load_state.load(path, state, strict, "plain", self.device, self.plan.param_dtype,
-                            allow_nonfinite=allow_nonfinite)
+        return load_state.load(path, state, strict, layout, self.device, self.strategy.param_dtype,
+                               allow_nonfinite=allow_nonfinite)
 
     # ---- load ------------------------------------------------------------------------------------
     def load_raw(self, path: str | os.PathLike, obj: nn.Module | torch.optim.Optimizer, strict: bool = True,
@@ -272,27 +228,24 @@ class Fabric:
             obj.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             return None
         if not isinstance(obj, nn.Module):
-            raise TypeError(f"fabric.load_raw loads into a module or a torch optimizer, not a {type(obj).__name__}"
-                            " (under DeepSpeed the optimizer state loads with fabric.load).")
-        module = obj.module if isinstance(obj, single.FabricModule) else obj
-        if self.plan.strategy == "deepspeed":
-            return load_state.load_module(path, module, strict, self.device, ds.param_dtype(self.plan), self._engine,
-                                       allow_nonfinite)
-        return load_checkpoint(module, path, strict=strict, device=self.device, dtype=self.plan.param_dtype,
+            raise ArgumentTypeError(f"fabric.load_raw loads into a module or a torch optimizer, not a "
+                                    f"{type(obj).__name__} (under DeepSpeed the optimizer state loads with "
+                                    "fabric.load).")
+        module = obj.module if isinstance(obj, FabricModule) else obj
+        if self.strategy.layout is Layout.DEEPSPEED:  # the optimizer's fp32 masters too
+            return load_state.load_module(path, module, strict, self.device, self.strategy.param_dtype,
+                                          self.strategy.engine, allow_nonfinite)
+        return load_checkpoint(module, path, strict=strict, device=self.device, dtype=self.strategy.param_dtype,
                                allow_nonfinite=allow_nonfinite)
 
     # ---- run -------------------------------------------------------------------------------------
     def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
-        if self._engine is not None and self._engine.engine is not None:  # its loss scaling and ZeRO hooks
-            self._engine.engine.backward(loss, **kwargs)
-            return
-        if self._scaler is not None:
-            loss = self._scaler.scale(loss)
-        loss.backward(**kwargs)
+        """`loss.backward()` as the strategy needs it (fp16 loss scaling, DeepSpeed's engine)."""
+        self.strategy.backward(loss, **kwargs)
 
     def autocast(self):
         """Autocast to the mixed precision's dtype (a no-op for true precisions)."""
-        return single.autocast(self.plan)
+        return autocast(self.plan)
 
     def launch(self, fn: Callable | None = None, *args: Any) -> Any:
         """Start or join the processes, then run `fn(self, *args)` (in every process; rank 0's result returned).
@@ -305,7 +258,7 @@ class Fabric:
         if not self.plan.multi_process:
             return fn(self, *args) if fn is not None else None
         if self._launched:
-            raise RuntimeError("launch() was already called on this Fabric.")
+            raise UsageError("launch() was already called on this Fabric.")
         ranks = launcher.from_group(self.plan)
         if ranks is not None:  # a process group made by the caller: used as it is, left to the caller to end
             self.join_process_group(ranks, None)
@@ -328,8 +281,8 @@ class Fabric:
         device mesh (collective: every rank must call it)."""
         self.plan = launcher.join(self.plan, ranks, init_method)
         self._ranks, self._launched = ranks, True
-        if self.plan.strategy == "model_parallel":  # every rank, now: making the mesh is collective
-            self._mesh = model_parallel.device_mesh(self.plan)
+        self.strategy = strategy_for(self.plan)
+        self.strategy.start()  # every rank, now: a device mesh is made collectively
 
     def barrier(self, name: str | None = None) -> None:
         """Wait until every process gets here."""
@@ -347,7 +300,7 @@ class Fabric:
     def all_reduce(self, tensor: torch.Tensor, reduce_op: str = "sum") -> torch.Tensor:
         """`tensor` summed ("sum") or averaged ("mean") over all processes, as a new tensor."""
         if reduce_op not in ("sum", "mean"):
-            raise ValueError(f"reduce_op={reduce_op!r} is not supported: use 'sum' or 'mean'.")
+            raise ConfigurationError(f"reduce_op={reduce_op!r} is not supported: use 'sum' or 'mean'.")
         if self.world_size == 1:
             return tensor
         out = tensor.detach().clone()

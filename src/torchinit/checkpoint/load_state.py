@@ -39,6 +39,7 @@ from torchinit.checkpoint.sharded_state import (
     split_state,
 )
 from torchinit.strategies import deepspeed as ds
+from torchinit.strategies.base import Layout
 
 
 @dataclass
@@ -50,17 +51,17 @@ class Source:
     no_optimizer: str = ""  # why the source cannot hold optimizer state, if it cannot
 
 
-def load(path: str | os.PathLike, state: dict[str, Any], strict: bool, target: str, device: torch.device,
+def load(path: str | os.PathLike, state: dict[str, Any], strict: bool, target: Layout, device: torch.device,
          dtype: torch.dtype | None, engine: ds.Engine | None = None, allow_nonfinite: bool = False) -> dict[str, Any]:
-    """Load `path` into the modules, optimizers and values of `state` under `target` ("plain", "fsdp" or
-    "deepspeed"); returns the saved values that `state` lacks. `allow_nonfinite` loads NaN / +-inf module values
+    """Load `path` into the modules, optimizers and values of `state` laid out as `target` (the strategy's
+    layout); returns the saved values that `state` lacks. `allow_nonfinite` loads NaN / +-inf module values
     instead of raising."""
     path = Path(path)
-    if target == "deepspeed":
+    if target is Layout.DEEPSPEED:
         engine_for(path, state, engine, "load")
-    if path.is_dir() and (path / ".metadata").is_file() and target == "fsdp":
+    if path.is_dir() and (path / ".metadata").is_file() and target is Layout.DCP:
         return load_fsdp(path, state, strict, device, dtype)
-    if path.is_dir() and (path / "latest").is_file() and target == "deepspeed":
+    if path.is_dir() and (path / "latest").is_file() and target is Layout.DEEPSPEED:
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         if zero.saved_layout(path) == (engine.options.stage, world):
             return load_deepspeed(path, state, strict, engine)
@@ -82,7 +83,7 @@ def load(path: str | os.PathLike, state: dict[str, Any], strict: bool, target: s
                  for key, opt in optimizers.items()]
     for module, checkpoint, names in plans:
         load_into(module, checkpoint, strict=strict, device=device, dtype=dtype, allow_nonfinite=allow_nonfinite)
-        if target == "deepspeed":
+        if target is Layout.DEEPSPEED:
             engine.weights_loaded()  # fp32 masters from the loaded values, then overwritten with the saved ones
             load_masters(engine, checkpoint.renamed(names))
     for restore in restorers:
@@ -91,16 +92,16 @@ def load(path: str | os.PathLike, state: dict[str, Any], strict: bool, target: s
 
 
 def _restorer(path: Path, key: str, optimizer: Any, modules: dict[str, nn.Module], saved: SavedOptimizer,
-              target: str, engine: ds.Engine | None):
+              target: Layout, engine: ds.Engine | None):
     """Check that the saved state fits `optimizer`; return the function that loads it."""
-    if target == "deepspeed":
+    if target is Layout.DEEPSPEED:
         owner = engine.module
         groups = param_groups(engine.groups, owner)
         names = {id(p): n for n, p in owner.named_parameters()}
         return restore_flat(engine.flat_partitions(), engine.engine.optimizer.optimizer, groups, saved, names)
     owner = optimizer_owner(path, key, optimizer, modules)
     saved.resolve(param_groups(optimizer, owner))
-    restore = restore_fsdp if target == "fsdp" else restore_plain
+    restore = restore_fsdp if target is Layout.DCP else restore_plain
     return lambda: restore(optimizer, owner, saved)
 
 

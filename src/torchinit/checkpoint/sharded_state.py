@@ -38,7 +38,7 @@ from torchinit.checkpoint.save import exchange, fsync_folder, save_failure
 from torchinit.core.errors import ConfigurationError, MissingKeyError, RankError, UsageError
 from torchinit.core.text import shorten
 from torchinit.strategies import deepspeed as ds
-from torchinit.strategies.single import FabricModule
+from torchinit.strategies.wrappers import FabricModule
 
 VALUES = "values.pt"
 TAG = "state"  # DeepSpeed's sub-folder name for the one checkpoint a folder holds

@@ -6,9 +6,14 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from torchinit.plan import Plan
+from torchinit.strategies.one_device import OneDevice
+
+__all__ = ["DDP"]
 
 
-def replicate(module: nn.Module, plan: Plan) -> DistributedDataParallel:
-    device_ids = [plan.device.index] if plan.device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=device_ids)
+class DDP(OneDevice):
+    """One device per process, replicated: forward runs through DistributedDataParallel."""
+
+    def forward_module(self, module: nn.Module) -> DistributedDataParallel:
+        device_ids = [self.plan.device.index] if self.plan.device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=device_ids)

@@ -32,10 +32,15 @@ from torchinit.core.compat_deepspeed import full_shape, is_zero3_param, zero3_lo
 from torchinit.core.dtypes import module_dtype
 from torchinit.core.errors import ConfigurationError, MaterializeError, UnsupportedError, UsageError
 from torchinit.core.ops import aliased_result, storage_key, written_args
+from torchinit.init.context import InitContext
+from torchinit.init.record import RecordContext
 from torchinit.materialize.inits import init_for, post_order
 from torchinit.materialize.materialize import materialize
 from torchinit.materialize.memory import Need, check_fits, work_nbytes
 from torchinit.plan import DeepSpeedStrategy, Plan
+from torchinit.record.recording import records_of
+from torchinit.strategies.base import Common, Layout
+from torchinit.strategies.wrappers import FabricModule, check_optimizer
 
 
 def _deepspeed():
@@ -312,3 +317,63 @@ class EngineOptimizer:
 
     def __getattr__(self, name: str):
         return getattr(self._engine.optimizer, name)
+
+
+class DeepSpeed(Common):
+    """DeepSpeed ZeRO 1-3: the engine owns precision, loss scaling and the optimizer; state is the engine's folder.
+    `engine` is set by `setup_module`."""
+
+    layout = Layout.DEEPSPEED
+
+    def __init__(self, plan: Plan):
+        super().__init__(plan)
+        self.scaler = None  # the engine scales fp16 losses itself
+        self.engine: Engine | None = None
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        return param_dtype(self.plan)
+
+    def init_context(self, empty_init: bool):
+        """ZeRO-3: record (setup replays into the partitions). Else the engine's dtype, and for ZeRO-3 without the
+        record `deepspeed.zero.Init` (partition each module as it is built)."""
+        options = self.plan.options
+        if options.stage == 3 and options.record_init:
+            return RecordContext(self.plan.device, self.param_dtype)
+        return self._eager_init(empty_init)
+
+    @contextlib.contextmanager
+    def _eager_init(self, empty_init: bool) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            if self.plan.options.stage == 3:
+                stack.enter_context(zero_init(self.plan, self.plan.options, skip_writes=empty_init))
+            stack.enter_context(InitContext(self.plan.device, self.param_dtype, empty_init=empty_init))
+            yield
+
+    def wrap(self, module: nn.Module) -> FabricModule:
+        recorded = records_of(module) if self.plan.options.stage == 3 else None
+        if recorded is not None:
+            partition_recorded(module, self.plan, self.plan.options, recorded)
+        elif any(is_zero3_param(p) for p in module.parameters()):  # zero.Init partitioned it: init the unwritten
+            names = initialize_partitioned(module)
+            if names:
+                warnings.warn(f"setup() initialized {len(names)} parameter(s) that empty_init=True left unwritten "
+                              "under ZeRO-3 (their module's init).", stacklevel=5)
+        else:
+            materialize(module, self.plan.device, self.param_dtype)
+        self.engine = Engine(module, self.plan, self.plan.options)
+        return FabricModule(self.engine, self.plan, original=module, input_dtype=self.param_dtype)
+
+    def setup_optimizer(self, optimizer: torch.optim.Optimizer) -> EngineOptimizer:
+        check_optimizer(optimizer, model_set_up=False)
+        if self.engine is None:
+            raise UsageError("Under DeepSpeed the engine needs the model: call fabric.setup(model) before "
+                             "setup_optimizers(optimizer), or fabric.setup(model, optimizer).")
+        self.engine.start(optimizer)
+        return EngineOptimizer(self.engine)
+
+    def backward(self, loss: torch.Tensor, **kwargs) -> None:
+        if self.engine is not None and self.engine.engine is not None:  # its loss scaling and ZeRO hooks
+            self.engine.engine.backward(loss, **kwargs)
+            return
+        loss.backward(**kwargs)

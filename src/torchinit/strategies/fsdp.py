@@ -32,6 +32,23 @@ from torchinit.materialize.materialize import materialize
 from torchinit.materialize.verify import tie_groups, verify
 from torchinit.plan import FSDPStrategy, Plan, WrapPolicy
 from torchinit.record.recording import records_of
+from torchinit.strategies.base import Common, Layout, sharded_init_context
+from torchinit.strategies.wrappers import FabricModule
+
+__all__ = ["FSDP", "covers_all_meta", "shard", "units"]
+
+
+class FSDP(Common):
+    """FSDP2: setup shards the module in place (DTensor parameters); state is saved as DCP shards."""
+
+    layout = Layout.DCP
+
+    def init_context(self, empty_init: bool):
+        return sharded_init_context(self.plan, self.plan.options.record_init)
+
+    def wrap(self, module: nn.Module) -> FabricModule:
+        self.sharded.update(shard(module, self.plan, self.plan.options))
+        return FabricModule(module, self.plan)
 
 
 def shard(module: nn.Module, plan: Plan, options: FSDPStrategy) -> dict[int, nn.Parameter]:
@@ -47,7 +64,7 @@ def shard(module: nn.Module, plan: Plan, options: FSDPStrategy) -> dict[int, nn.
     # offloaded shards live on the CPU (FSDP2 checks it, and pins them); a recorded init still draws on its device
     device = torch.device("cpu") if options.cpu_offload else plan.device
     recorded = records_of(module)
-    if recorded is not None and _covers_all_meta(module, recorded):
+    if recorded is not None and covers_all_meta(module, recorded):
         for unit in shard_units:
             fully_shard(unit, **kwargs)
         old = {name: p for name, p in before.values()}
@@ -66,7 +83,7 @@ def shard(module: nn.Module, plan: Plan, options: FSDPStrategy) -> dict[int, nn.
     return {old: now[name] for old, (name, _) in before.items() if name in now}
 
 
-def _covers_all_meta(module: nn.Module, recorded) -> bool:
+def covers_all_meta(module: nn.Module, recorded) -> bool:
     """Whether the record can give every meta tensor its value (else: unit by unit, through each module's init)."""
     tensors = [*module.parameters(), *module.buffers()]
     return all(recorded.covers(t) for t in tensors if t.device.type == "meta")
@@ -123,9 +140,3 @@ def _policy(wrap: WrapPolicy, root: nn.Module) -> Callable[[nn.Module], bool]:
         raise ArgumentTypeError(f"FSDPStrategy(wrap=...) takes module classes, a predicate or None, not {wrap!r}: pass "
                                 "e.g. wrap={MyBlock} or wrap=lambda module: ....")
     return lambda m: isinstance(m, classes)
-
-
-def remap_optimizer(optimizer: torch.optim.Optimizer, mapping: dict[int, nn.Parameter]) -> None:
-    """Point an optimizer made from the unsharded parameters at the sharded ones (it must hold no state yet)."""
-    for group in optimizer.param_groups:
-        group["params"] = [mapping.get(id(p), p) for p in group["params"]]

@@ -27,10 +27,38 @@ from torchinit.materialize.verify import tie_groups, verify
 from torchinit.plan import ModelParallelStrategy, Plan
 from torchinit.record.recording import records_of
 from torchinit.strategies import fsdp, tp_plan
+from torchinit.strategies.base import Common, Layout, sharded_init_context
+from torchinit.strategies.wrappers import FabricModule
+
+__all__ = ["ModelParallel", "MESH_NAMES", "device_mesh", "shard"]
 
 MESH_NAMES = ("data_parallel", "tensor_parallel")
 HEAD_ATTRIBUTES = ("num_heads", "n_heads", "num_attention_heads", "num_kv_heads", "n_kv_heads",
                    "num_key_value_heads")
+
+
+class ModelParallel(Common):
+    """Tensor parallel x FSDP2: setup parallelizes on meta and materializes the shards; state is saved as DCP
+    shards. The mesh is made in `start` (collective), or given."""
+
+    layout = Layout.DCP
+
+    def __init__(self, plan: Plan, mesh: DeviceMesh | None = None):
+        super().__init__(plan)
+        self.mesh = mesh
+
+    def start(self) -> None:
+        self.mesh = device_mesh(self.plan)
+
+    def init_context(self, empty_init: bool):
+        return sharded_init_context(self.plan, self.plan.options.record_init)
+
+    def wrap(self, module: nn.Module) -> FabricModule:
+        if self.mesh is None:  # one process, never launched: the mesh of this one rank
+            self.start()
+        forward, sharded = shard(module, self.plan, self.mesh)
+        self.sharded.update(sharded)
+        return FabricModule(forward, self.plan, original=module)
 
 
 def device_mesh(plan: Plan) -> DeviceMesh:
@@ -62,7 +90,7 @@ def shard(module: nn.Module, plan: Plan, mesh: DeviceMesh) -> tuple[nn.Module, d
         for name, p in module.named_parameters():
             if name in old and old[name] is not p:
                 recorded.rebind(old[name], p)
-    if recorded is not None and fsdp._covers_all_meta(module, recorded):
+    if recorded is not None and fsdp.covers_all_meta(module, recorded):
         materialize(module, plan.device, plan.param_dtype, recorded=recorded, check_values=False)
     else:
         _materialize_by_module(module, plan, recorded)

@@ -1,20 +1,16 @@
-"""Set up a module for one device per process: materialize it there, wrap it (DDP when the plan says so), run
-forward in the plan's precision, scale fp16 gradients."""
+"""What Fabric hands back from setup, for every strategy: the module wrapper (forward in the plan's precision), the
+optimizer checks, and the fp16 grad scaler behind `ScaledOptimizer`."""
 
 from __future__ import annotations
 
-import warnings
 from contextlib import nullcontext
 
 import torch
 from torch import nn
 
 from torchinit.core.compat import tree_map
-from torchinit.materialize.materialize import materialize
+from torchinit.core.errors import ConfigurationError, UsageError
 from torchinit.plan import Plan
-from torchinit.record import pending
-from torchinit.record.recording import records_of
-from torchinit.strategies import ddp, deepspeed, fsdp, model_parallel
 
 
 def autocast(plan: Plan):
@@ -31,58 +27,6 @@ def grad_scaler(plan: Plan) -> torch.amp.GradScaler | None:
     return None
 
 
-def setup_module(module: nn.Module, plan: Plan, mesh=None) -> tuple[FabricModule, dict[int, nn.Parameter]]:
-    """Materialize on the plan's device and dtype (meta and unwritten tensors get their init), verify, wrap.
-
-    Returns the wrapper and, where sharding replaced Parameter objects (FSDP, model parallel on `mesh`),
-    {id(old): new}. Otherwise
-    materialization swaps data into the same Parameter objects, so optimizers made before stay valid.
-    """
-    if isinstance(module, FabricModule):
-        raise ValueError("This module was already set up by a Fabric; pass the original module only once.")
-    devices = sorted({str(p.device) for p in module.parameters() if p.device.type != "meta"})
-    if len(devices) > 1:
-        warnings.warn(
-            f"The model's parameters are on {len(devices)} devices ({', '.join(devices)}); setup() moves them all "
-            f"to {plan.device}.",
-            stacklevel=3,
-        )
-    empty = pending.unwritten_names(module)
-    if plan.strategy == "fsdp":
-        return FabricModule(module, plan), fsdp.shard(module, plan, plan.options)
-    if plan.strategy == "model_parallel":
-        forward, sharded = model_parallel.shard(module, plan, mesh)
-        return FabricModule(forward, plan, original=module), sharded
-    if plan.strategy == "deepspeed":
-        return _setup_deepspeed(module, plan), {}
-    materialize(module, plan.device, plan.param_dtype)
-    if empty:
-        warnings.warn(
-            f"setup() initialized {len(empty)} parameter(s) that empty_init=True left unwritten and no checkpoint "
-            "filled (the recorded init, eager's values; without a record, their module's init): "
-            f"{', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}",
-            stacklevel=3,
-        )
-    forward = ddp.replicate(module, plan) if plan.strategy == "ddp" else module
-    return FabricModule(forward, plan, original=module), {}
-
-
-def _setup_deepspeed(module: nn.Module, plan: Plan) -> FabricModule:
-    dtype = deepspeed.param_dtype(plan)
-    recorded = records_of(module) if plan.options.stage == 3 else None
-    if recorded is not None:
-        deepspeed.partition_recorded(module, plan, plan.options, recorded)
-    elif any(hasattr(p, "ds_id") for p in module.parameters()):  # partitioned by zero.Init: only init what is unwritten
-        names = deepspeed.initialize_partitioned(module)
-        if names:
-            warnings.warn(f"setup() initialized {len(names)} parameter(s) that empty_init=True left unwritten under "
-                          "ZeRO-3 (their module's init).", stacklevel=4)
-    else:
-        materialize(module, plan.device, dtype)
-    engine = deepspeed.Engine(module, plan, plan.options)
-    return FabricModule(engine, plan, original=module, input_dtype=dtype)
-
-
 class FabricModule(nn.Module):
     """A thin wrapper: forward (through DDP if wrapped) in the plan's precision; state_dict keys, parameters and
     attributes are the original module's."""
@@ -97,14 +41,20 @@ class FabricModule(nn.Module):
 
     @property
     def module(self) -> nn.Module:
+        """The module as the user built it (state dict keys, parameters, attributes)."""
         return self._original_module
+
+    @property
+    def forward_module(self) -> nn.Module:
+        """What forward runs through: DDP's wrapper, DeepSpeed's engine, `parallelize_fn`'s result or the module."""
+        return self._forward_module
 
     def forward(self, *args, **kwargs):
         if self._input_dtype is not None:  # the engine handles precision itself
-            args, kwargs = _cast_floating((args, kwargs), self._input_dtype)
+            args, kwargs = cast_floating((args, kwargs), self._input_dtype)
             return self._forward_module(*args, **kwargs)
         if not self._plan.mixed:
-            args, kwargs = _cast_floating((args, kwargs), self._plan.param_dtype)
+            args, kwargs = cast_floating((args, kwargs), self._plan.param_dtype)
         with autocast(self._plan):
             return self._forward_module(*args, **kwargs)
 
@@ -127,7 +77,7 @@ class FabricModule(nn.Module):
             return getattr(super().__getattr__("_original_module"), name)
 
 
-def _cast_floating(tree, dtype: torch.dtype):
+def cast_floating(tree, dtype: torch.dtype):
     return tree_map(
         lambda x: x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x, tree
     )
@@ -145,14 +95,14 @@ def check_optimizer(optimizer: torch.optim.Optimizer, model_set_up: bool = True)
 
     stale = [i for i, p in enumerate(params) if meta_state(p)]
     if stale:
-        raise RuntimeError(
+        raise UsageError(
             f"{type(optimizer).__name__} already holds state for {len(stale)} parameter(s) on the meta device "
             f"(indices {stale[:10]} in its param groups): that state has no values and cannot be moved. Create the "
             "optimizer without stepping it before setup(), or after setup()."
         )
     on_meta = sum(p.device.type == "meta" for p in params)
     if on_meta and model_set_up:
-        raise RuntimeError(
+        raise UsageError(
             f"{on_meta} parameter(s) of {type(optimizer).__name__} are still on the meta device. Call "
             "fabric.setup(model) (or setup_module) before setup_optimizers(): it materializes them in place, and "
             "the optimizer keeps working with the same Parameter objects."
@@ -190,7 +140,8 @@ class ScaledOptimizer(torch.optim.Optimizer):
 
     def step(self, closure=None):
         if closure is not None:
-            raise ValueError("optimizer.step(closure) is not supported with precision='16-mixed' (grad scaler).")
+            raise ConfigurationError("optimizer.step(closure) is not supported with precision='16-mixed' (grad "
+                                     "scaler): call fabric.backward(loss) yourself, then optimizer.step().")
         result = self.scaler.step(self.optimizer)
         self.scaler.update()
         return result
