@@ -135,10 +135,7 @@ def _chunk_box(shape, mesh_shape, placements, coordinate):
 LAYOUTS = [  # (mesh shape, placements by name, tensor shape)
     ((2,), ("S0",), (7, 5)),
     ((2,), ("S1",), (7, 5)),
-    pytest.param((3,), ("S0",), (2, 5), marks=pytest.mark.xfail(strict=True, reason=(
-        "more ranks than rows: the rank that holds nothing gets ((0, 0), (0, 0)) from the fallback (the only path "
-        "before torch 2.9), torch's ((2, 0), (0, 5)) and torch.chunk's ((0, 0), (0, 5)); local_rows then calls "
-        "it a block of columns"))),
+    ((3,), ("S0",), (2, 5)),  # more ranks than rows: the rank that holds nothing gets an empty block of rows
     ((2, 2), ("S0", "S1"), (7, 5)),
     ((2, 2), ("S0", "S0"), (7, 5)),
     ((2, 2), ("R", "S1"), (7, 5)),
@@ -180,8 +177,10 @@ def test_local_shape_and_offset_matches_the_fallback_box(fake_ranks, monkeypatch
         with monkeypatch.context() as m:
             m.setattr(compat, "local_shape_and_offset", lambda *args: None)
             fallback = local_box(t)
-        if expected is not None:
+        if expected is not None and t.to_local().numel():
             assert fallback == expected
+        elif expected is not None:  # torch.chunk starts an empty part anywhere; torch's box (and ours) at the end
+            assert fallback == tuple((n, 0) if n != m else (0, n) for n, m in zip(shape, t.to_local().shape, strict=True))
         assert tuple(n for _, n in fallback) == tuple(t.to_local().shape)
         if compat.TORCH_VERSION < (2, 9):
             assert computed is None

@@ -77,13 +77,18 @@ def local_box(target: torch.Tensor) -> tuple[tuple[int, int], ...]:
 def _box_from_indices(target: torch.Tensor) -> tuple[tuple[int, int], ...]:
     """`local_box` from `local_part` of index grids, one dimension at a time (expanded views: no memory)."""
     box = []
+    local = target.to_local().shape
     for d, n in enumerate(target.shape):
+        if target.to_local().numel() == 0:  # nothing to read indices off: an empty block at the end, as torch's
+            if local[d] not in (0, n):
+                raise ConfigurationError(f"this rank holds no element of a DTensor with placements "
+                                         f"{target.placements}, yet {local[d]} of {n} along dimension {d}: its box "
+                                         "cannot be placed before torch 2.9; use Shard or Replicate on one dimension.")
+            box.append((n, 0) if local[d] == 0 else (0, n))
+            continue
         shape = [1] * len(target.shape)
         shape[d] = n
         part = local_part(target, torch.arange(n).view(shape).expand(target.shape))
-        if part.numel() == 0:
-            box.append((0, 0))
-            continue
         indices = part[tuple(slice(None) if e == d else 0 for e in range(len(target.shape)))]
         start = int(indices[0]) if len(indices) else 0
         if not torch.equal(indices, torch.arange(start, start + len(indices))):
