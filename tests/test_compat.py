@@ -180,7 +180,8 @@ def test_local_shape_and_offset_matches_the_fallback_box(fake_ranks, monkeypatch
         if expected is not None and t.to_local().numel():
             assert fallback == expected
         elif expected is not None:  # torch.chunk starts an empty part anywhere; torch's box (and ours) at the end
-            assert fallback == tuple((n, 0) if n != m else (0, n) for n, m in zip(shape, t.to_local().shape, strict=True))
+            local_shape = t.to_local().shape
+            assert fallback == tuple((n, 0) if n != m else (0, n) for n, m in zip(shape, local_shape, strict=True))
         assert tuple(n for _, n in fallback) == tuple(t.to_local().shape)
         if compat.TORCH_VERSION < (2, 9):
             assert computed is None
