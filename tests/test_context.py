@@ -170,13 +170,15 @@ def test_user_modes_inside_are_unaffected():
     assert seen
 
 
-@pytest.mark.parametrize("kind", ["init", "record"])
-def test_a_second_thread_cannot_open_a_context_while_one_is_open(kind):
+@pytest.mark.parametrize("kind, other_kind", [("init", "init"), ("record", "record"), ("record", "init"),
+                                              ("init", "record")])
+def test_a_second_thread_cannot_open_a_context_while_one_is_open(kind, other_kind):
     """The default dtype, device and nn.init are process-global: a context open in one thread refuses another
-    thread's (a clear error, nothing changed), and the other thread may open one once it is closed."""
+    thread's of either kind (a clear error, nothing changed), and the other thread may open one once it is
+    closed."""
     import threading
 
-    def context(dtype=torch.bfloat16):
+    def context(dtype=torch.bfloat16, kind=kind):
         if kind == "init":
             return torchinit.InitContext("cpu", dtype)
         return torchinit.RecordContext("cpu", dtype)
@@ -185,7 +187,7 @@ def test_a_second_thread_cannot_open_a_context_while_one_is_open(kind):
 
     def other(dtype=torch.bfloat16):
         try:
-            with context(dtype):
+            with context(dtype, other_kind):
                 outcome["opened"] = True
         except torchinit.UsageError as exc:
             outcome["error"] = exc

@@ -37,13 +37,18 @@ T = TypeVar("T")
 
 
 class ContextStack(Generic[T]):
-    """The contexts of one kind open now, innermost last. What they change is process-global, so they belong to
-    the thread that opened the outermost one: another thread that opens one meanwhile gets `UsageError`."""
+    """The contexts of one kind open now, innermost last. What they change is process-global, so every open
+    context, of any kind, belongs to the thread that opened the outermost one: another thread that opens one
+    meanwhile gets `UsageError`. (The owner is shared by all stacks: an init context in one thread and a record
+    context in another would fight over the same default dtype and device.)"""
+
+    _open = 0  # contexts open in all stacks together
+    _owner: int | None = None  # the thread they belong to
+    _guard = threading.Lock()
 
     def __init__(self, kind: str):
         self.kind = kind
         self._items: list[T] = []
-        self._owner: int | None = None
 
     def __bool__(self) -> bool:
         return bool(self._items)
@@ -52,24 +57,29 @@ class ContextStack(Generic[T]):
         return self._items[index]
 
     def check_thread(self) -> None:
-        """Raise `UsageError` if contexts of this kind are open in another thread."""
-        if self._items and self._owner != threading.get_ident():
+        """Raise `UsageError` if torchinit contexts are open in another thread."""
+        if ContextStack._open and ContextStack._owner != threading.get_ident():
             raise UsageError(
-                f"A torchinit {self.kind} context is open in another thread: the default dtype, the default device "
-                "and torch.nn.init are process-global while it is open. Build models one thread at a time (open "
-                "the context in one thread, or wait until the other thread's context has closed)."
+                f"A torchinit context is open in another thread (this thread asked for a {self.kind} context): the "
+                "default dtype, the default device and torch.nn.init are process-global while it is open. Build "
+                "models one thread at a time (open the context in one thread, or wait until the other thread's "
+                "context has closed)."
             )
 
     def push(self, item: T) -> None:
-        self.check_thread()
-        self._owner = threading.get_ident()
-        self._items.append(item)
+        with ContextStack._guard:
+            self.check_thread()
+            ContextStack._owner = threading.get_ident()
+            ContextStack._open += 1
+            self._items.append(item)
 
     def pop(self) -> T:
-        item = self._items.pop()
-        if not self._items:
-            self._owner = None
-        return item
+        with ContextStack._guard:
+            item = self._items.pop()
+            ContextStack._open -= 1
+            if not ContextStack._open:
+                ContextStack._owner = None
+            return item
 
 
 ACTIVE: ContextStack[InitContext] = ContextStack("init")
