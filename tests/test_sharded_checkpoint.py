@@ -85,7 +85,7 @@ def test_fsdp_load_errors_name_the_problem_and_change_nothing(fsdp):
     assert "Missing: bias, weight. Unexpected: embed.weight" in errors["keys"]
     assert "saved optimizer state 'optimizer' does not fit this optimizer" in errors["optimizer"]
     assert "plain: cannot tell which checkpoint to load (found nothing loadable)" in errors["folder"]
-    assert errors["no state"].startswith("ValueError: fabric.load under strategy='fsdp'")
+    assert errors["no state"].startswith("ConfigurationError: fabric.load under strategy='fsdp'")
     assert errors["untouched"], "a failed load leaves the model as it was"
     assert_same(fsdp["strict_false"], fsdp["saved"])
 

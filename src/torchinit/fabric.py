@@ -20,7 +20,7 @@ from torchinit.checkpoint.load_model import load_checkpoint
 from torchinit.checkpoint.save import save_state
 from torchinit.core.errors import ArgumentTypeError, CheckpointError, ConfigurationError, UsageError
 from torchinit.init.context import InitContext
-from torchinit.plan import make_plan
+from torchinit.plan import Plan, make_plan
 from torchinit.strategies.base import Layout, Strategy
 from torchinit.strategies.model_parallel import ModelParallel
 from torchinit.strategies.select import strategy_for
@@ -52,14 +52,23 @@ class Fabric:
     ):
         self._args = dict(accelerator=accelerator, strategy=strategy, devices=devices, num_nodes=num_nodes,
                           precision=precision, seed=seed)
-        self.plan = make_plan(accelerator, strategy, devices, num_nodes, precision)
-        self.strategy: Strategy = strategy_for(self.plan)
+        self.strategy: Strategy = strategy_for(make_plan(accelerator, strategy, devices, num_nodes, precision))
         self._ranks = launcher.Ranks()
         self._launched = not self.plan.multi_process
         if seed is not None:
             seed_everything(seed)
 
     # ---- where we are ----------------------------------------------------------------------------
+    @property
+    def plan(self) -> Plan:
+        """The resolved arguments (plan.py); the strategy holds it."""
+        return self.strategy.plan
+
+    @plan.setter
+    def plan(self, plan: Plan) -> None:
+        """Another plan is another strategy (what a strategy set up under the old plan is not carried over)."""
+        self.strategy = strategy_for(plan)
+
     @property
     def device(self) -> torch.device:
         return self.plan.device
@@ -281,7 +290,6 @@ class Fabric:
         device mesh (collective: every rank must call it)."""
         self.plan = launcher.join(self.plan, ranks, init_method)
         self._ranks, self._launched = ranks, True
-        self.strategy = strategy_for(self.plan)
         self.strategy.start()  # every rank, now: a device mesh is made collectively
 
     def barrier(self, name: str | None = None) -> None:
