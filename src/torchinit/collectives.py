@@ -5,6 +5,7 @@ reduced in place, and with one process nothing is sent."""
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -77,7 +78,9 @@ def _gather_one(tensor: torch.Tensor, group: Any, sync_grads: bool) -> torch.Ten
     if sync_grads:
         from torch.distributed.nn.functional import all_gather as gather_with_grads
 
-        return torch.stack(gather_with_grads(tensor, group=group or dist.group.WORLD))
+        with warnings.catch_warnings():  # deprecated in favour of a private API; Lightning uses it too
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.stack(gather_with_grads(tensor, group=group or dist.group.WORLD))
     with torch.no_grad():
         parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
         dist.all_gather(parts, tensor, group=group)

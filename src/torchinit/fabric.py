@@ -66,6 +66,8 @@ class Fabric:
         seed: int | None = None,
     ):
         self._plugins = check_plugins(plugins)
+        self._args = dict(accelerator=accelerator, strategy=strategy, devices=devices, num_nodes=num_nodes,
+                          precision=precision, seed=seed)  # how to make another Fabric like this one
         self.plan = make_plan(accelerator, strategy, devices, num_nodes, "32-true" if precision is None else precision)
         self.strategy: Strategy = strategy_for(self.plan)
         self._ranks = launcher.Ranks()
