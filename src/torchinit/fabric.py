@@ -12,7 +12,6 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from torchinit import collectives, data, seeding
@@ -20,10 +19,10 @@ from torchinit import launch as launcher
 from torchinit.callbacks import Callbacks
 from torchinit.checkpoint import export, load_state, sharded_state
 from torchinit.checkpoint.load_model import load_checkpoint
-from torchinit.checkpoint.save import save_state
+from torchinit.checkpoint.save import on_rank_zero, save_state
 from torchinit.checkpoint.stateful import check_filter, load_stateful, saved_form
 from torchinit.core.compat import compiled_parts
-from torchinit.core.errors import ArgumentTypeError, CheckpointError, ConfigurationError, UsageError
+from torchinit.core.errors import ArgumentTypeError, ConfigurationError, UsageError
 from torchinit.init.context import InitContext
 from torchinit.loggers import scalars
 from torchinit.plan import make_plan
@@ -31,7 +30,6 @@ from torchinit.plugins import Accelerator, check_plugins
 from torchinit.seeding import seed_everything
 from torchinit.strategies.base import Layout, Strategy
 from torchinit.strategies.model_parallel import ModelParallel
-from torchinit.strategies.precision import Precision
 from torchinit.strategies.select import strategy_for
 from torchinit.strategies.wrappers import FabricModule, FabricOptimizer, check_optimizer, setup_optimizer, unwrap
 
@@ -78,51 +76,18 @@ class Fabric:
             seed_everything(seed)
 
     # ---- where we are ----------------------------------------------------------------------------
-    @property
-    def device(self) -> torch.device:
-        return self.plan.device
-
-    @property
-    def accelerator(self) -> Accelerator:
-        return Accelerator(self.plan.accelerator)
-
-    @property
-    def precision(self) -> str:
-        """The resolved precision's name ("bf16-true", ...; "16-mixed" on CPU is "bf16-mixed")."""
-        return self.plan.precision
-
-    @property
-    def _precision(self) -> Precision:  # what Lightning programs read as `fabric._precision`
-        return self.strategy.precision
-
-    @property
-    def global_rank(self) -> int:
-        return self._ranks.global_rank
-
-    @property
-    def local_rank(self) -> int:
-        return self._ranks.local_rank
-
-    @property
-    def node_rank(self) -> int:
-        return self._ranks.node_rank
-
-    @property
-    def world_size(self) -> int:
-        return self._ranks.world_size
-
-    @property
-    def is_global_zero(self) -> bool:
-        return self._ranks.global_rank == 0
-
-    @property
-    def loggers(self) -> list[Any]:
-        return self._loggers
-
-    @property
-    def logger(self) -> Any:
-        """The first logger (the main one)."""
-        return self._loggers[0]
+    device = property(lambda self: self.plan.device, doc="This process's device.")
+    global_rank = property(lambda self: self._ranks.global_rank)
+    local_rank = property(lambda self: self._ranks.local_rank)
+    node_rank = property(lambda self: self._ranks.node_rank)
+    world_size = property(lambda self: self._ranks.world_size)
+    is_global_zero = property(lambda self: self._ranks.global_rank == 0)
+    loggers = property(lambda self: self._loggers)
+    logger = property(lambda self: self._loggers[0], doc="The first logger (the main one).")
+    accelerator = property(lambda self: Accelerator(self.plan.accelerator))
+    precision = property(lambda self: self.plan.precision,
+                         doc="The resolved precision's name ('bf16-true', ...; '16-mixed' on CPU is 'bf16-mixed').")
+    _precision = property(lambda self: self.strategy.precision)  # what Lightning programs read as fabric._precision
 
     @property
     def device_mesh(self):
@@ -248,27 +213,7 @@ class Fabric:
         if layout is Layout.DEEPSPEED:
             sharded_state.save_deepspeed(path, state, self.strategy.engine)
             return
-        self._on_rank_zero(lambda: save_state(path, state), f"{os.fspath(path)}: rank 0 could not save it")
-
-    def _on_rank_zero(self, work: Callable[[], None], failed: str) -> None:
-        """`work` on rank 0 while the others wait; its outcome is shared, so when it raises every rank raises
-        (rank 0 its own error, the others `failed` and the cause) instead of waiting at a barrier it never
-        reaches."""
-        if self.world_size == 1:
-            work()
-            return
-        error: BaseException | None = None
-        if self.is_global_zero:
-            try:
-                work()
-            except Exception as caught:  # noqa: BLE001 (re-raised below, after the others are told)
-                error = caught
-        outcome = [None if error is None else f"{type(error).__name__}: {error}"]
-        dist.broadcast_object_list(outcome, src=0)
-        if error is not None:
-            raise error
-        if outcome[0] is not None:
-            raise CheckpointError(f"{failed} ({outcome[0]}).")
+        on_rank_zero(lambda: save_state(path, state), f"{os.fspath(path)}: rank 0 could not save it")
 
     def load(self, path: str | os.PathLike, state: dict[str, Any] | None = None, strict: bool = True,
              allow_nonfinite: bool = False) -> dict:
@@ -305,7 +250,6 @@ class Fabric:
         return load_state.load(path, state, strict, layout, self.device, self.strategy.param_dtype,
                                allow_nonfinite=allow_nonfinite)
 
-    # ---- load ------------------------------------------------------------------------------------
     def load_raw(self, path: str | os.PathLike, obj: nn.Module | torch.optim.Optimizer, strict: bool = True,
                  allow_nonfinite: bool = False) -> Any:
         """Load a plain checkpoint into one module (any format `torchinit.load_checkpoint` reads, DCP folders
@@ -324,11 +268,10 @@ class Fabric:
             raise ArgumentTypeError(f"fabric.load_raw loads into a module or a torch optimizer, not a "
                                     f"{type(obj).__name__} (under DeepSpeed the optimizer state loads with "
                                     "fabric.load).")
-        module = obj
         if self.strategy.layout is Layout.DEEPSPEED:  # the optimizer's fp32 masters too
-            return load_state.load_module(path, module, strict, self.device, self.strategy.param_dtype,
+            return load_state.load_module(path, obj, strict, self.device, self.strategy.param_dtype,
                                           self.strategy.engine, allow_nonfinite)
-        return load_checkpoint(module, path, strict=strict, device=self.device, dtype=self.strategy.param_dtype,
+        return load_checkpoint(obj, path, strict=strict, device=self.device, dtype=self.strategy.param_dtype,
                                allow_nonfinite=allow_nonfinite)
 
     # ---- run -------------------------------------------------------------------------------------
@@ -370,14 +313,10 @@ class Fabric:
 
     def launch(self, fn: Callable | None = None, *args: Any, **kwargs: Any) -> Any:
         """Start or join the processes, then run `fn(self, *args, **kwargs)` in every process (rank 0's result
-        returned).
-
-        One process: runs `fn` here. A process group the caller made (`dist.init_process_group` first): used as
-        it is. Under torchrun: joins its process group. `launch(fn, ...)`: spawns one process per device, each with
-        this Fabric (pickled: its class and attributes) and this process's random state; `fn` must be picklable (a
-        module-level function). `launch()` in a script: this process is rank 0 and the script is run again for the
-        other ranks.
-        """
+        returned). One process: runs `fn` here. A process group the caller made: used as it is. Under torchrun: joins
+        it. `launch(fn, ...)`: spawns one process per device, each with this Fabric (pickled: its class and
+        attributes) and this process's random state; `fn` must pickle (a module-level function). `launch()` in a
+        script: this process is rank 0 and the script is run again for the other ranks."""
         if fn is not None:
             if not callable(fn):
                 raise ArgumentTypeError(f"`Fabric.launch(...)` needs to be a callable, but got {fn}. HINT: do "
