@@ -107,3 +107,41 @@ def fsdp_part(fabric):
             "clipped": all(torch.allclose(c, f * coef, rtol=1e-5, atol=0) for c, f in zip(clipped, full, strict=True)),
             "value": max(p.grad.full_tensor().abs().max().item() for p in model.parameters()),
             "accumulated": [g.sum().item() for g in full]}
+
+
+def deepspeed_clipping(fabric):
+    """ZeRO-2, one rank: `clip_gradients(max_norm=...)` clips the coming step as DeepSpeed's own `gradient_clipping`
+    does, for that step only; by value it is refused."""
+    from torchinit.plan import DeepSpeedStrategy
+
+    def step(fab, clip):
+        torch.manual_seed(0)
+        module = Net()
+        model, optimizer = fab.setup(module, torch.optim.SGD(module.parameters(), lr=1.0))
+        fab.backward(model(torch.full((2, 4), 3.0)).pow(2).sum())
+        if clip:
+            assert fab.clip_gradients(model, optimizer, max_norm=1e-3) is None
+        optimizer.step()
+        zero = fab.strategy.engine.engine.optimizer
+        return [p.detach().clone() for p in module.parameters()], zero.clip_grad, (model, optimizer)
+
+    ours, after_step, (model, optimizer) = step(fabric, clip=True)
+    configured = DeepSpeedStrategy(stage=2, config={"gradient_clipping": 1e-3})
+    theirs = torchinit.Fabric(accelerator="cpu", strategy=configured, devices=1)
+    theirs.launch()  # joins the process group already made
+    want, _, _ = step(theirs, clip=False)
+    unclipped, configured, _ = step(_fresh_deepspeed(), clip=False)
+    try:
+        fabric.clip_gradients(model, optimizer, clip_val=1.0)
+        by_value = None
+    except ValueError as error:
+        by_value = str(error)
+    return {"same": all(torch.equal(a, b) for a, b in zip(ours, want, strict=True)),
+            "clipped": any(not torch.equal(a, b) for a, b in zip(ours, unclipped, strict=True)),
+            "after_step": (after_step, configured), "by_value": by_value}
+
+
+def _fresh_deepspeed():
+    other = torchinit.Fabric(accelerator="cpu", strategy="deepspeed_stage_2", devices=1)
+    other.launch()
+    return other

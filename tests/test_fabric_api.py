@@ -36,6 +36,9 @@ def test_constructor_takes_lightnings_arguments_and_exposes_the_strategy():
     assert fabric.precision == "32-true" and fabric.strategy.precision.precision == "32-true"
     assert fabric._precision is fabric.strategy.precision
     assert fabric.strategy.root_device == fabric.device == torch.device("cpu")
+    strategy = fabric.strategy
+    assert (strategy.world_size, strategy.global_rank, strategy.is_global_zero) == (1, 0, True)
+    assert (strategy.num_nodes, strategy.num_processes, strategy.distributed_sampler_kwargs) == (1, 1, None)
     assert fabric.accelerator == "cpu" and str(fabric.accelerator) == "cpu"
     assert fabric.loggers == [] and fabric.node_rank == 0
     with pytest.warns(UserWarning, match="using 'bf16-mixed'"):

@@ -5,7 +5,7 @@ import csv
 
 import pytest
 import torch
-from fabric_workers import Noted, ddp_surface
+from fabric_workers import Noted, ddp_surface, deepspeed_clipping
 from test_distributed import deadline_guard
 
 import torchinit
@@ -45,3 +45,12 @@ def test_two_processes_run_lightnings_loop_helpers(tmp_path, monkeypatch):
     assert fsdp["value"] <= 1e-4
     with open(tmp_path / "logs" / "version_0" / "metrics.csv") as f:
         assert list(csv.DictReader(f)) == [{"rank": "0", "step": "0"}], "only rank 0 logs"
+
+
+def test_deepspeed_clips_by_norm_in_its_next_step():
+    fabric = torchinit.Fabric(accelerator="cpu", strategy="deepspeed_stage_2", devices=1)
+    out = fabric.launch(deepspeed_clipping)
+    assert out["same"] and out["clipped"], "the step clipped as DeepSpeed's gradient_clipping does"
+    ours, configured = out["after_step"]
+    assert ours == configured != 1e-3, "one step only: then the engine's own clipping again"
+    assert "clips gradients by norm only" in out["by_value"]

@@ -102,12 +102,32 @@ class Common(abc.ABC):
         return self.plan.device
 
     @property
+    def world_size(self) -> int:
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    @property
+    def global_rank(self) -> int:
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+    @property
+    def is_global_zero(self) -> bool:
+        return self.global_rank == 0
+
+    @property
+    def num_nodes(self) -> int:
+        return self.plan.num_nodes
+
+    @property
+    def num_processes(self) -> int:
+        """Processes per node."""
+        return len(self.plan.device_indices)
+
+    @property
     def distributed_sampler_kwargs(self) -> dict[str, int] | None:
         """How a `DistributedSampler` splits the data: every process its own part (None: one process, no split)."""
         if not self.plan.multi_process:
             return None
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        return {"num_replicas": self.plan.world_size, "rank": rank}
+        return {"num_replicas": self.plan.world_size, "rank": self.global_rank}
 
     def start(self) -> None:
         """Called once the processes are joined (every rank): collective set-up, such as a device mesh."""

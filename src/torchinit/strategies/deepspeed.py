@@ -230,6 +230,7 @@ class Engine:
         self.module, self.plan, self.options = module, plan, options
         self.engine = None
         self.optimizer = None
+        self.clip_grad: float | None = None
         self.groups: list[list[nn.Parameter]] = []  # the optimizer's parameters by group, before DeepSpeed swaps them
 
     def start(self, optimizer: torch.optim.Optimizer | None) -> None:
@@ -245,6 +246,7 @@ class Engine:
             self.engine, self.optimizer, _, _ = _deepspeed().initialize(
                 model=self.module, optimizer=optimizer, config=config(self.plan, self.options), dist_init_required=False
             )
+        self.clip_grad = getattr(self.engine.optimizer, "clip_grad", None)  # what clip_gradients overrides for a step
 
     def __call__(self, *args, **kwargs):
         if self.engine is None:
@@ -319,9 +321,9 @@ class EngineOptimizer:
         engine = self._engine.engine
         try:
             engine.step()
-        finally:  # a clip_gradients call holds for one step; then the config's value again
-            if hasattr(engine.optimizer, "clip_grad"):
-                engine.optimizer.clip_grad = engine.gradient_clipping()
+        finally:  # a clip_gradients call holds for one step; then the engine's own value again
+            if self._engine.clip_grad is not None:
+                engine.optimizer.clip_grad = self._engine.clip_grad
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._engine.engine.zero_grad()
