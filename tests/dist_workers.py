@@ -150,7 +150,7 @@ def ddp_training(fabric, empty_init):
     fabric.backward(model(data).sum())
     optimizer.step()
     after = gathered(fabric, checksum(model))
-    total = fabric.all_reduce(torch.tensor([fabric.global_rank + 1.0]))
+    total = fabric.all_reduce(torch.tensor([fabric.global_rank + 1.0]), reduce_op="sum")
     mean = fabric.all_reduce(torch.tensor([fabric.global_rank + 1.0]), reduce_op="mean")
     fabric.barrier()
     return {

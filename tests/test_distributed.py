@@ -90,7 +90,7 @@ SCRIPT = textwrap.dedent("""
     model = fabric.setup(model)
     if sys.argv[1:] == ["crash"] and fabric.global_rank == 1:
         raise SystemExit(3)
-    total = fabric.all_reduce(torch.tensor([float(fabric.global_rank)]))
+    total = fabric.all_reduce(torch.tensor([float(fabric.global_rank)]), reduce_op="sum")
     fabric.barrier()
     line = f"rank {fabric.global_rank}/{fabric.world_size} sum={total.item()} w={model.weight.sum().item():.6f}\\n"
     os.write(1, line.encode())  # one write: the ranks share stdout

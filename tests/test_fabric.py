@@ -15,10 +15,19 @@ def small():
 @pytest.mark.parametrize("precision, dtype", [("bf16-true", torch.bfloat16), ("64-true", torch.float64),
                                               ("32-true", torch.float32)])
 def test_true_precision_casts_and_converts_inputs(precision, dtype):
+    """Lightning's true precisions: float inputs cast to the precision, forward under it as the default dtype, float
+    outputs back in the default dtype (integer tensors untouched both ways)."""
     fabric = torchinit.Fabric(accelerator="cpu", precision=precision)
-    model = fabric.setup(small())  # built outside init_module: setup casts it
+    module = small()
+    seen = []
+    module.register_forward_pre_hook(lambda m, args: seen.append((args[0].dtype, torch.get_default_dtype())))
+    model = fabric.setup(module)  # built outside init_module: setup casts it
     assert all(p.dtype == dtype for p in model.parameters())
-    assert model(torch.randn(3, 4)).dtype == dtype  # fp32 input is converted
+    out = model(torch.randn(3, 4))
+    assert seen == [(dtype, dtype)] and out.dtype == torch.float32 and torch.get_default_dtype() == torch.float32
+    integers = nn.Module()
+    integers.forward = lambda x: (x, x.float())
+    assert [t.dtype for t in fabric.setup(integers)(torch.arange(3))] == [torch.int64, torch.float32]
 
 
 def test_mixed_keeps_fp32_weights_and_runs_forward_under_autocast():
@@ -27,7 +36,10 @@ def test_mixed_keeps_fp32_weights_and_runs_forward_under_autocast():
         module = small()
     model = fabric.setup(module)
     assert all(p.dtype == torch.float32 for p in model.parameters())
-    assert model(torch.randn(3, 4)).dtype == torch.bfloat16
+    seen = []
+    module.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    assert model(torch.randn(3, 4)).dtype == torch.float32  # Lightning's rule: outputs back in the default dtype
+    assert seen == [torch.bfloat16]  # ... and float inputs in the autocast dtype
     with fabric.autocast():
         assert module(torch.randn(3, 4)).dtype == torch.bfloat16
     assert module(torch.randn(3, 4)).dtype == torch.float32
@@ -82,7 +94,7 @@ def test_seed_snippet_from_the_docs():
     batch = torch.randn(3, 4)
     loss = model(batch).sum()
     # one device, the same module on the same values and the same (cast) input: eager's computation exactly
-    eager_loss = want(batch.to(torch.bfloat16)).sum()
+    eager_loss = want(batch.to(torch.bfloat16)).float().sum()  # the output comes back in the default dtype
     assert torch.equal(loss, eager_loss)
     fabric.backward(loss)
     optimizer.step()
@@ -99,8 +111,8 @@ def test_single_process_collectives():
     t = torch.ones(2)
     assert fabric.all_reduce(t) is t
     fabric.barrier()
-    with pytest.raises(ValueError, match="reduce_op='max'"):
-        fabric.all_reduce(t, reduce_op="max")
+    with pytest.raises(ValueError, match="reduce_op='maximum'"):
+        fabric.all_reduce(t, reduce_op="maximum")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -108,7 +120,7 @@ def test_fp16_mixed_on_cuda_scales_gradients():
     fabric = torchinit.Fabric(accelerator="cuda", precision="16-mixed")
     model, optimizer = fabric.setup(module := small(), torch.optim.SGD(module.parameters(), lr=0.1))
     out = model(torch.randn(2, 4, device="cuda"))
-    assert out.dtype == torch.float16
+    assert out.dtype == torch.float32  # computed under fp16 autocast, returned in the default dtype (Lightning)
     fabric.backward(out.float().sum())
     assert isinstance(optimizer, torch.optim.SGD)
     optimizer.step()

@@ -15,7 +15,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # of one layer that are listed as siblings may not import each other.
 LAYERS: list[tuple[str, ...]] = [
     ("torchinit", "torchinit.__main__", "torchinit.cli", "torchinit.demo"),
-    ("torchinit.fabric",),
+    ("torchinit.fabric", "torchinit.callbacks", "torchinit.collectives", "torchinit.data", "torchinit.loggers",
+     "torchinit.plugins", "torchinit.seeding"),
     ("torchinit.launch",),
     ("torchinit.checkpoint",),
     ("torchinit.strategies",),

@@ -4,7 +4,16 @@ param groups) and never steps with scaled gradients. `GradScaler("cpu")` shows i
 import pytest
 import torch
 
-from torchinit.strategies.wrappers import setup_optimizer
+import torchinit.strategies.wrappers as wrappers
+from torchinit.plan import make_plan
+from torchinit.strategies.precision import Precision
+
+
+def setup_optimizer(optimizer, scaler):
+    """The Fabric optimizer wrapper, stepping through a precision that holds `scaler` (a CPU scaler in tests)."""
+    precision = Precision(make_plan("cpu", "auto", 1, 1, "bf16-mixed"))
+    precision.scaler = scaler
+    return wrappers.setup_optimizer(optimizer, precision)
 
 
 def _model_and_grads(scaler=None):

@@ -5,56 +5,73 @@ from __future__ import annotations
 
 import atexit
 import functools
+import inspect
 import os
-import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from torchinit import collectives, data, seeding
 from torchinit import launch as launcher
+from torchinit.callbacks import Callbacks
 from torchinit.checkpoint import export, load_state, sharded_state
 from torchinit.checkpoint.load_model import load_checkpoint
-from torchinit.checkpoint.save import save_state
-from torchinit.core.errors import ArgumentTypeError, CheckpointError, ConfigurationError, UsageError
+from torchinit.checkpoint.save import on_rank_zero, save_state
+from torchinit.checkpoint.stateful import check_filter, load_stateful, saved_form
+from torchinit.core.compat import compiled_parts
+from torchinit.core.errors import ArgumentTypeError, ConfigurationError, UsageError
 from torchinit.init.context import InitContext
+from torchinit.loggers import scalars
 from torchinit.plan import Plan, make_plan
+from torchinit.plugins import Accelerator, check_plugins
+from torchinit.seeding import seed_everything
 from torchinit.strategies.base import Layout, Strategy
 from torchinit.strategies.model_parallel import ModelParallel
 from torchinit.strategies.select import strategy_for
-from torchinit.strategies.wrappers import FabricModule, autocast, check_optimizer
+from torchinit.strategies.wrappers import FabricModule, FabricOptimizer, check_optimizer, setup_optimizer, unwrap
 
 
 class Fabric:
-    """Lightning-Fabric-style entry point (see the README's API section).
+    """Lightning-Fabric-style entry point, with Lightning 2.6's arguments (see the README's API section).
 
     Args:
         accelerator: "auto", "cpu", "cuda", "gpu" or "mps".
-        strategy: "auto" (ddp when several devices), "single_device", "ddp", "ddp_spawn", "fsdp" or an
-            `FSDPStrategy(...)`.
+        strategy: "auto" (ddp when several devices), "single_device", "ddp", "ddp_spawn", "fsdp", "deepspeed..." or a
+            strategy object (`FSDPStrategy(...)`, `DeepSpeedStrategy(...)`, `ModelParallelStrategy(...)`).
         devices: how many processes on this machine (N, "N", -1 for all, "auto") or CUDA indices [0, 1].
         num_nodes: machines; more than one must be started with torchrun.
-        precision: "64-true", "32-true", "16-true", "bf16-true", "16-mixed", "bf16-mixed" (aliases 64, 32,
-            "16" -> 16-mixed, "bf16" -> bf16-mixed).
-        seed: if given, seeds torch (all devices), `random` and NumPy now.
+        precision: "64-true", "32-true" (None: the default), "16-true", "bf16-true", "16-mixed", "bf16-mixed"
+            (aliases 64, 32, "16" -> 16-mixed, "bf16" -> bf16-mixed).
+        plugins: cluster environments that describe torchrun's variables; other plugins are refused by name.
+        callbacks: objects whose methods `fabric.call(hook_name, ...)` runs.
+        loggers: objects with `log_metrics(metrics, step)` (`torchinit.loggers.CSVLogger`, `TensorBoardLogger`).
+        seed: if given, `seed_everything(seed)` now.
     """
 
     def __init__(
         self,
         accelerator: str = "auto",
-        strategy: str = "auto",
+        strategy: Any = "auto",
         devices: int | str | list[int] = "auto",
         num_nodes: int = 1,
-        precision: str | int = "32-true",
+        precision: str | int | None = None,
+        plugins: Any = None,
+        callbacks: Any = None,
+        loggers: Any = None,
         seed: int | None = None,
     ):
+        self._plugins = check_plugins(plugins)
         self._args = dict(accelerator=accelerator, strategy=strategy, devices=devices, num_nodes=num_nodes,
-                          precision=precision, seed=seed)
-        self.strategy: Strategy = strategy_for(make_plan(accelerator, strategy, devices, num_nodes, precision))
+                          precision=precision, seed=seed)  # how to make another Fabric like this one
+        plan = make_plan(accelerator, strategy, devices, num_nodes, "32-true" if precision is None else precision)
+        self.strategy: Strategy = strategy_for(plan)
         self._ranks = launcher.Ranks()
         self._launched = not self.plan.multi_process
+        self._callbacks = Callbacks(callbacks)
+        self._loggers = list(loggers) if isinstance(loggers, (list, tuple)) else [] if loggers is None else [loggers]
         if seed is not None:
             seed_everything(seed)
 
@@ -69,29 +86,18 @@ class Fabric:
         """Another plan is another strategy (what a strategy set up under the old plan is not carried over)."""
         self.strategy = strategy_for(plan)
 
-    @property
-    def device(self) -> torch.device:
-        return self.plan.device
-
-    @property
-    def global_rank(self) -> int:
-        return self._ranks.global_rank
-
-    @property
-    def local_rank(self) -> int:
-        return self._ranks.local_rank
-
-    @property
-    def node_rank(self) -> int:
-        return self._ranks.node_rank
-
-    @property
-    def world_size(self) -> int:
-        return self._ranks.world_size
-
-    @property
-    def is_global_zero(self) -> bool:
-        return self._ranks.global_rank == 0
+    device = property(lambda self: self.plan.device, doc="This process's device.")
+    global_rank = property(lambda self: self._ranks.global_rank)
+    local_rank = property(lambda self: self._ranks.local_rank)
+    node_rank = property(lambda self: self._ranks.node_rank)
+    world_size = property(lambda self: self._ranks.world_size)
+    is_global_zero = property(lambda self: self._ranks.global_rank == 0)
+    loggers = property(lambda self: self._loggers)
+    logger = property(lambda self: self._loggers[0], doc="The first logger (the main one).")
+    accelerator = property(lambda self: Accelerator(self.plan.accelerator))
+    precision = property(lambda self: self.plan.precision,
+                         doc="The resolved precision's name ('bf16-true', ...; '16-mixed' on CPU is 'bf16-mixed').")
+    _precision = property(lambda self: self.strategy.precision)  # what Lightning programs read as fabric._precision
 
     @property
     def device_mesh(self):
@@ -130,35 +136,75 @@ class Fabric:
         return InitContext(self.plan.device, self.plan.param_dtype, empty_init=False)
 
     # ---- set up ----------------------------------------------------------------------------------
-    def setup(self, module: nn.Module, *optimizers: torch.optim.Optimizer) -> Any:
-        """`setup_module(module)`, and `setup_optimizers(*optimizers)` if any are given."""
+    def setup(self, module: nn.Module, *optimizers: torch.optim.Optimizer, scheduler: Any = None,
+              move_to_device: bool = True, _reapply_compile: bool = True) -> Any:
+        """`setup_module(module)`, then the optimizers set up for it; returns (module, *optimizers[, scheduler])."""
         self._require_launch("setup()")
+        if any(isinstance(opt, FabricOptimizer) for opt in optimizers):
+            raise ConfigurationError("An optimizer should be passed only once to the `setup` method.")
         for optimizer in optimizers:  # before the model changes, so that an error leaves it as it was
             check_optimizer(optimizer, model_set_up=False)
-        wrapped = self.setup_module(module)
+        wrapped = self.setup_module(module, move_to_device, _reapply_compile)
+        wrapped_optimizers = [self._wrap_optimizer(self.strategy.setup_optimizer(opt)) for opt in optimizers]
+        self.call("on_after_setup", fabric=self, module=wrapped)
         if not optimizers:
             return wrapped
-        return (wrapped, *(self.strategy.setup_optimizer(opt) for opt in optimizers))
+        return (wrapped, *wrapped_optimizers, *([scheduler] if scheduler is not None else []))
 
-    def setup_module(self, module: nn.Module) -> FabricModule:
-        """Materialize (each tensor from its one source), shard and wrap `module` as the strategy does."""
+    def setup_module(self, module: nn.Module, move_to_device: bool = True, _reapply_compile: bool = True) -> Any:
+        """Materialize (each tensor from its one source), shard and wrap `module` as the strategy does. A module
+        compiled with `torch.compile` is set up underneath and compiled again (its keys keep no `_orig_mod.`)."""
         self._require_launch("setup_module()")
-        return self.strategy.setup_module(module)
+        module, recompile = compiled_parts(module) if _reapply_compile else (module, None)
+        wrapped = self.strategy.setup_module(module, move_to_device)
+        if recompile is not None:
+            wrapped.run_forward_through(recompile)
+        return wrapped
 
     def setup_optimizers(self, *optimizers: torch.optim.Optimizer) -> Any:
         self._require_launch("setup_optimizers()")
-        wrapped = [self.strategy.setup_optimizer(opt) for opt in optimizers]
+        if not optimizers:
+            raise ConfigurationError("`setup_optimizers` requires at least one optimizer as input.")
+        if any(isinstance(opt, FabricOptimizer) for opt in optimizers):
+            raise ConfigurationError("An optimizer should be passed only once to the `setup_optimizers` method.")
+        wrapped = [self._wrap_optimizer(self.strategy.setup_optimizer(opt)) for opt in optimizers]
         return wrapped[0] if len(wrapped) == 1 else tuple(wrapped)
 
+    def _wrap_optimizer(self, optimizer: Any) -> FabricOptimizer:
+        def after_step(inner: Any) -> None:
+            self.call("on_after_optimizer_step", strategy=self.strategy, optimizer=inner)
+        return setup_optimizer(optimizer, self.strategy.precision, after_step)
+
+    def setup_dataloaders(self, *dataloaders: Any, use_distributed_sampler: bool = True,
+                          move_to_device: bool = True) -> Any:
+        """Each loader gives this process its share of the data (a `DistributedSampler` when several run, its
+        epoch set every pass) and batches on the device; one loader in, one out; several in, a list out."""
+        self._require_launch("setup_dataloaders()")
+        data.check_dataloaders(dataloaders)
+        loaders = [data.setup_dataloader(dl, self.strategy.distributed_sampler_kwargs, self.global_rank,
+                                         self.device if move_to_device else None, use_distributed_sampler)
+                   for dl in dataloaders]
+        return loaders[0] if len(loaders) == 1 else loaders
+
+    def to_device(self, obj: Any) -> Any:
+        """A module (moved in place) or any collection of tensors, on this process's device."""
+        if isinstance(obj, nn.Module):
+            return obj.to(self.device)
+        return data.move_to_device(obj, self.device)
+
     # ---- save and load -----------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike, state: dict[str, Any], format: str | None = None) -> None:
-        """Save modules, optimizers and plain values, atomically (a crash never leaves a half-written `path`).
+    def save(self, path: str | os.PathLike, state: dict[str, Any], filter: dict[str, Callable] | None = None,
+             format: str | None = None) -> None:
+        """Save modules, optimizers, objects with `state_dict` (as their state) and plain values, atomically (a crash
+        never leaves a half-written `path`). `filter={key: fn(name, value) -> bool}` keeps only the entries of that
+        key's state that `fn` accepts (one device and DDP).
 
         One device and DDP: rank 0 writes one file. FSDP and model parallel: a `torch.distributed.checkpoint`
         folder (loadable into another world size or mesh shape), each rank writing its own shards (optimizer state
         included). DeepSpeed: the engine's folder (each rank its partitions). `format="safetensors"`: `state` holds
         one module, written as a transformers-style folder (sharded safetensors files and their index), each rank
         writing its own shards into the final files. Every rank must call it; all return once `path` is in place."""
+        check_filter(state, filter)
         if format == "safetensors":
             export.save_safetensors_folder(path, state)
             return
@@ -166,33 +212,18 @@ class Fabric:
             raise ConfigurationError(f"format={format!r} is not supported: use None (the strategy's own) or "
                                      "'safetensors'.")
         layout = self.strategy.layout
+        if filter is not None and layout is not Layout.FILE:
+            raise ConfigurationError(f"fabric.save(filter=...) is for one device and DDP: a sharded checkpoint "
+                                     f"under strategy={self.plan.strategy!r} holds every shard (load it, then save a "
+                                     "filtered copy with one process).")
+        state = saved_form(state, filter)
         if layout is Layout.DCP:  # each rank its shards, any placement
             sharded_state.save_fsdp(path, state)
             return
         if layout is Layout.DEEPSPEED:
             sharded_state.save_deepspeed(path, state, self.strategy.engine)
             return
-        self._on_rank_zero(lambda: save_state(path, state), f"{os.fspath(path)}: rank 0 could not save it")
-
-    def _on_rank_zero(self, work: Callable[[], None], failed: str) -> None:
-        """`work` on rank 0 while the others wait; its outcome is shared, so when it raises every rank raises
-        (rank 0 its own error, the others `failed` and the cause) instead of waiting at a barrier it never
-        reaches."""
-        if self.world_size == 1:
-            work()
-            return
-        error: BaseException | None = None
-        if self.is_global_zero:
-            try:
-                work()
-            except Exception as caught:  # noqa: BLE001 (re-raised below, after the others are told)
-                error = caught
-        outcome = [None if error is None else f"{type(error).__name__}: {error}"]
-        dist.broadcast_object_list(outcome, src=0)
-        if error is not None:
-            raise error
-        if outcome[0] is not None:
-            raise CheckpointError(f"{failed} ({outcome[0]}).")
+        on_rank_zero(lambda: save_state(path, state), f"{os.fspath(path)}: rank 0 could not save it")
 
     def load(self, path: str | os.PathLike, state: dict[str, Any] | None = None, strict: bool = True,
              allow_nonfinite: bool = False) -> dict:
@@ -204,7 +235,14 @@ class Fabric:
         folder, a safetensors file or folder): see checkpoint/load_state.py. Under FSDP, model parallel (a DCP
         folder also into another mesh shape) and DeepSpeed `state` is required and each rank reads only its own
         shards into the modules and optimizers given. `strict` also checks module keys. `allow_nonfinite` (one
-        device / DDP): load NaN / +-inf module values instead of raising."""
+        device / DDP): load NaN / +-inf module values instead of raising. Objects with `load_state_dict` (LR
+        schedulers, samplers) get their saved state in place."""
+        if state is None:
+            return self._load(path, None, strict, allow_nonfinite)
+        return load_stateful(state, lambda inner: self._load(path, inner, strict, allow_nonfinite))
+
+    def _load(self, path: str | os.PathLike, state: dict[str, Any] | None, strict: bool,
+              allow_nonfinite: bool) -> dict:
         layout = self.strategy.layout
         if layout is not Layout.FILE:
             if allow_nonfinite:
@@ -222,7 +260,6 @@ class Fabric:
         return load_state.load(path, state, strict, layout, self.device, self.strategy.param_dtype,
                                allow_nonfinite=allow_nonfinite)
 
-    # ---- load ------------------------------------------------------------------------------------
     def load_raw(self, path: str | os.PathLike, obj: nn.Module | torch.optim.Optimizer, strict: bool = True,
                  allow_nonfinite: bool = False) -> Any:
         """Load a plain checkpoint into one module (any format `torchinit.load_checkpoint` reads, DCP folders
@@ -233,6 +270,7 @@ class Fabric:
         their partition's elements; no gather, no broadcast. Under DeepSpeed the optimizer's fp32 master
         weights take the file's values (an fp32 file is not rounded through the bf16 parameters). NaN / +-inf
         values are an error naming the file and keys unless `allow_nonfinite`."""
+        obj = unwrap(obj)
         if isinstance(obj, torch.optim.Optimizer):
             obj.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             return None
@@ -240,30 +278,64 @@ class Fabric:
             raise ArgumentTypeError(f"fabric.load_raw loads into a module or a torch optimizer, not a "
                                     f"{type(obj).__name__} (under DeepSpeed the optimizer state loads with "
                                     "fabric.load).")
-        module = obj.module if isinstance(obj, FabricModule) else obj
         if self.strategy.layout is Layout.DEEPSPEED:  # the optimizer's fp32 masters too
-            return load_state.load_module(path, module, strict, self.device, self.strategy.param_dtype,
+            return load_state.load_module(path, obj, strict, self.device, self.strategy.param_dtype,
                                           self.strategy.engine, allow_nonfinite)
-        return load_checkpoint(module, path, strict=strict, device=self.device, dtype=self.strategy.param_dtype,
+        return load_checkpoint(obj, path, strict=strict, device=self.device, dtype=self.strategy.param_dtype,
                                allow_nonfinite=allow_nonfinite)
 
     # ---- run -------------------------------------------------------------------------------------
-    def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
-        """`loss.backward()` as the strategy needs it (fp16 loss scaling, DeepSpeed's engine)."""
-        self.strategy.backward(loss, **kwargs)
+    def backward(self, tensor: torch.Tensor, *args: Any, model: Any = None, **kwargs: Any) -> None:
+        """`tensor.backward(*args, **kwargs)` as the strategy needs it (fp16 loss scaling, DeepSpeed's engine).
+        `model` is accepted for Lightning's signature (one engine per Fabric here: not needed)."""
+        self.strategy.backward(tensor, *args, **kwargs)
 
-    def autocast(self):
-        """Autocast to the mixed precision's dtype (a no-op for true precisions)."""
-        return autocast(self.plan)
+    def clip_gradients(self, module: nn.Module, optimizer: Any, clip_val: float | None = None,
+                       max_norm: float | None = None, norm_type: float = 2.0,
+                       error_if_nonfinite: bool = True) -> torch.Tensor | None:
+        """Clip the optimizer's gradients by value (`clip_val`) or to a total norm (`max_norm`: returns the norm
+        before clipping). Gradients are unscaled first under 16-mixed; sharded gradients are clipped by the norm of
+        the whole model (strategies/clipping.py)."""
+        if clip_val is not None and max_norm is not None:
+            raise ConfigurationError("Only one of `clip_val` or `max_norm` can be set as this specifies the underlying "
+                                     "clipping algorithm!")
+        module, optimizer = unwrap(module), unwrap(optimizer)
+        if clip_val is not None:
+            self.strategy.clip_gradients_value(module, optimizer, clip_val)
+            return None
+        if max_norm is not None:
+            return self.strategy.clip_gradients_norm(module, optimizer, max_norm, norm_type, error_if_nonfinite)
+        raise ConfigurationError("You have to specify either `clip_val` or `max_norm` to do gradient clipping!")
 
-    def launch(self, fn: Callable | None = None, *args: Any) -> Any:
-        """Start or join the processes, then run `fn(self, *args)` (in every process; rank 0's result returned).
+    def no_backward_sync(self, module: Any, enabled: bool = True) -> AbstractContextManager:
+        """Skip the gradient synchronization in forward and backward inside (gradient accumulation); a no-op (with a
+        warning) where the strategy cannot skip it."""
+        module, _ = compiled_parts(module)
+        if not isinstance(module, FabricModule):
+            raise ArgumentTypeError("You need to set up the model first before you can call "
+                                    "`fabric.no_backward_sync()`: `model = fabric.setup(model, ...)`")
+        return self.strategy.no_backward_sync(module, enabled)
 
-        One process: runs `fn` here. A process group the caller made (`dist.init_process_group` first): used as
-        it is. Under torchrun: joins its process group. `launch(fn, ...)`: spawns one process per device (`fn`
-        must be picklable: a module-level function). `launch()` in a script: this process is rank 0 and the
-        script is run again for the other ranks.
-        """
+    def autocast(self) -> AbstractContextManager:
+        """The precision's forward context: autocast for mixed precisions, the precision's default dtype for true
+        ones (Lightning's `forward_context`)."""
+        return self.strategy.precision.forward_context()
+
+    def launch(self, fn: Callable | None = None, *args: Any, **kwargs: Any) -> Any:
+        """Start or join the processes, then run `fn(self, *args, **kwargs)` in every process (rank 0's result
+        returned). One process: runs `fn` here. A process group the caller made: used as it is. Under torchrun: joins
+        it. `launch(fn, ...)`: spawns one process per device, each with this Fabric (pickled: its class and
+        attributes) and this process's random state; `fn` must pickle (a module-level function). `launch()` in a
+        script: this process is rank 0 and the script is run again for the other ranks."""
+        if fn is not None:
+            if not callable(fn):
+                raise ArgumentTypeError(f"`Fabric.launch(...)` needs to be a callable, but got {fn}. HINT: do "
+                                        "`.launch(your_fn)` instead of `.launch(your_fn())`")
+            if not inspect.signature(fn).parameters:
+                raise ArgumentTypeError(f"`Fabric.launch(function={fn})` needs to take at least one argument. The "
+                                        "launcher will pass in the `Fabric` object so you can use it inside the "
+                                        "function.")
+            fn = functools.partial(fn, **kwargs) if kwargs else fn
         if not self.plan.multi_process:
             return fn(self, *args) if fn is not None else None
         if self._launched:
@@ -277,7 +349,7 @@ class Fabric:
             self.join_process_group(ranks, f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}")
             atexit.register(launcher.leave_group)
         elif fn is not None:
-            return launcher.spawn(functools.partial(type(self), **self._args), self.plan, fn, args)
+            return launcher.spawn(functools.partial(revived, self, seeding.rng_states()), self.plan, fn, args)
         else:
             self.join_process_group(*launcher.start_script_ranks(self.plan))
         return fn(self, *args) if fn is not None else None
@@ -292,40 +364,55 @@ class Fabric:
         self._ranks, self._launched = ranks, True
         self.strategy.start()  # every rank, now: a device mesh is made collectively
 
+    # ---- collectives (collectives.py: Lightning's semantics) ----------------------------------------
     def barrier(self, name: str | None = None) -> None:
         """Wait until every process gets here."""
-        if self.world_size > 1:
-            dist.barrier()
+        collectives.barrier(self.device)
 
     def broadcast(self, obj: Any, src: int = 0) -> Any:
         """`obj` from rank `src`, in every process (any picklable object)."""
-        if self.world_size == 1:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=src)
-        return box[0]
+        return collectives.broadcast(obj, src)
 
-    def all_reduce(self, tensor: torch.Tensor, reduce_op: str = "sum") -> torch.Tensor:
-        """`tensor` summed ("sum") or averaged ("mean") over all processes, as a new tensor."""
-        if reduce_op not in ("sum", "mean"):
-            raise ConfigurationError(f"reduce_op={reduce_op!r} is not supported: use 'sum' or 'mean'.")
-        if self.world_size == 1:
-            return tensor
-        out = tensor.detach().clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        return out / self.world_size if reduce_op == "mean" else out
+    def all_reduce(self, data: Any, group: Any = None, reduce_op: Any = "mean") -> Any:
+        """Tensors (numbers, collections of them) reduced over all processes, in place: "mean" (default), "sum",
+        "max", "min", "product" or a `torch.distributed.ReduceOp`."""
+        return collectives.all_reduce(data, self.device, group, reduce_op)
+
+    def all_gather(self, data: Any, group: Any = None, sync_grads: bool = False) -> Any:
+        """Tensors (numbers, collections of them) from all processes, stacked: (world_size, *shape)."""
+        return collectives.all_gather(data, self.device, group, sync_grads)
+
+    def rank_zero_first(self, local: bool = False) -> AbstractContextManager:
+        """Rank 0 (with `local=True`: each node's local rank 0) runs the block first, the others after it."""
+        return collectives.rank_zero_first(self.local_rank if local else self.global_rank, self.device)
 
     def print(self, *args: Any, **kwargs: Any) -> None:
-        if self.is_global_zero:
+        """`print` on each node's first process."""
+        if self.local_rank == 0:
             print(*args, **kwargs)
 
+    # ---- callbacks, loggers, seeding ---------------------------------------------------------------
+    def call(self, hook_name: str, *args: Any, **kwargs: Any) -> None:
+        """Run `hook_name(*args, **kwargs)` on every callback that has it (each gets the keywords it accepts)."""
+        self._callbacks.call(hook_name, *args, **kwargs)
 
-def seed_everything(seed: int) -> None:
-    """Seed torch on every device, Python's `random` and NumPy (if installed)."""
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy
-    except ImportError:
-        return
-    numpy.random.seed(seed % 2**32)
+    def log(self, name: str, value: Any, step: int | None = None) -> None:
+        self.log_dict({name: value}, step=step)
+
+    def log_dict(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        """Every logger's `log_metrics` (one-element tensors as numbers)."""
+        metrics = scalars(metrics)
+        for logger in self._loggers:
+            logger.log_metrics(metrics=metrics, step=step)
+
+    @staticmethod
+    def seed_everything(seed: int | None = None, workers: bool | None = None, verbose: bool = True) -> int:
+        """`torchinit.seed_everything`, with data loader workers seeded unless `workers=False` (as Lightning's
+        method)."""
+        return seed_everything(seed, workers=True if workers is None else workers, verbose=verbose)
+
+
+def revived(fabric: Fabric, states: dict[str, Any]) -> Fabric:
+    """In a spawned process: the launching Fabric (unpickled) and the launcher's random state."""
+    seeding.set_rng_states(states)
+    return fabric

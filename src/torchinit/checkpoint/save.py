@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from torchinit.core.errors import ConfigurationError, SaveError
+from torchinit.core.errors import CheckpointError, ConfigurationError, SaveError
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
@@ -130,3 +131,23 @@ def save_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
         return
     plain = plain_state(state)
     atomic_write(path, lambda p: torch_save(plain, p))
+
+
+def on_rank_zero(work: Callable[[], None], failed: str) -> None:
+    """`work` on rank 0 while the others wait; its outcome is shared, so when it raises every rank raises (rank 0 its
+    own error, the others `failed` and the cause) instead of waiting at a barrier it never reaches."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        work()
+        return
+    error: BaseException | None = None
+    if dist.get_rank() == 0:
+        try:
+            work()
+        except Exception as caught:  # noqa: BLE001 (re-raised below, after the others are told)
+            error = caught
+    outcome = [None if error is None else f"{type(error).__name__}: {error}"]
+    dist.broadcast_object_list(outcome, src=0)
+    if error is not None:
+        raise error
+    if outcome[0] is not None:
+        raise CheckpointError(f"{failed} ({outcome[0]}).")

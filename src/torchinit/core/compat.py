@@ -17,7 +17,8 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = [
-    "TORCH_VERSION", "DispatchMode", "FakeTensor", "FakeTensorMode", "is_op_overload", "local_shape_and_offset",
+    "TORCH_VERSION", "DispatchMode", "FakeTensor", "FakeTensorMode", "compiled_parts", "is_op_overload",
+    "local_shape_and_offset",
     "shard_placements", "split_part", "storage_id", "tree_leaves", "tree_map", "unset_fake_temporarily",
 ]
 
@@ -72,3 +73,19 @@ def local_shape_and_offset(target: Any, coordinate: list[int]) -> tuple[tuple[in
     shape, offset = _compute_local_shape_and_global_offset(target.shape, target.device_mesh.shape,
                                                            lambda d: coordinate[d], target.placements)
     return tuple(shape), tuple(offset)
+
+
+def compiled_parts(module: Any) -> tuple[Any, Any]:
+    """(the module inside, a function that compiles a module the same way) for a `torch.compile`d module, else
+    (module, None). The compiled wrapper keeps its dynamo context (backend, mode, options), so compiling again
+    needs no record of the arguments `torch.compile` was given."""
+    import sys
+
+    if "torch._dynamo" not in sys.modules:  # nothing was ever compiled (and importing dynamo costs a second)
+        return module, None
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    if not isinstance(module, OptimizedModule):
+        return module, None
+    context = module.dynamo_ctx
+    return module._orig_mod, lambda inner: OptimizedModule(inner, context)

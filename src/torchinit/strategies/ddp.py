@@ -3,10 +3,13 @@ rank 0's parameters and buffers when it wraps) and averages gradients in backwar
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
+
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from torchinit.strategies.one_device import OneDevice
+from torchinit.strategies.wrappers import FabricModule
 
 __all__ = ["DDP"]
 
@@ -17,3 +20,7 @@ class DDP(OneDevice):
     def forward_module(self, module: nn.Module) -> DistributedDataParallel:
         device_ids = [self.plan.device.index] if self.plan.device.type == "cuda" else None
         return DistributedDataParallel(module, device_ids=device_ids)
+
+    def no_backward_sync(self, module: FabricModule, enabled: bool) -> AbstractContextManager:
+        """DDP's `no_sync`: gradients stay local (accumulated) until a backward outside it."""
+        return module.forward_module.no_sync() if enabled else nullcontext()

@@ -40,6 +40,7 @@ from torchinit.materialize.memory import Need, check_fits, work_nbytes
 from torchinit.plan import DeepSpeedStrategy, Plan
 from torchinit.record.recording import records_of
 from torchinit.strategies.base import Common, Layout
+from torchinit.strategies.precision import Precision
 from torchinit.strategies.wrappers import FabricModule, check_optimizer
 
 
@@ -229,6 +230,7 @@ class Engine:
         self.module, self.plan, self.options = module, plan, options
         self.engine = None
         self.optimizer = None
+        self.clip_grad: float | None = None
         self.groups: list[list[nn.Parameter]] = []  # the optimizer's parameters by group, before DeepSpeed swaps them
 
     def start(self, optimizer: torch.optim.Optimizer | None) -> None:
@@ -244,6 +246,7 @@ class Engine:
             self.engine, self.optimizer, _, _ = _deepspeed().initialize(
                 model=self.module, optimizer=optimizer, config=config(self.plan, self.options), dist_init_required=False
             )
+        self.clip_grad = getattr(self.engine.optimizer, "clip_grad", None)  # what clip_gradients overrides for a step
 
     def __call__(self, *args, **kwargs):
         if self.engine is None:
@@ -302,6 +305,11 @@ class EngineOptimizer:
     def __init__(self, engine: Engine):
         self._engine = engine
 
+    @property
+    def optimizer(self):
+        """DeepSpeed's optimizer (the ZeRO optimizer around the one given)."""
+        return self._engine.optimizer
+
     def belongs_to(self, engine: Engine) -> bool:
         """Whether this optimizer steps through `engine` (saving and loading check that it is the one set up)."""
         return self._engine is engine
@@ -310,7 +318,12 @@ class EngineOptimizer:
         if closure is not None:
             raise ConfigurationError("optimizer.step(closure) is not supported with DeepSpeed: compute the loss, call "
                                      "fabric.backward(loss), then optimizer.step().")
-        self._engine.engine.step()
+        engine = self._engine.engine
+        try:
+            engine.step()
+        finally:  # a clip_gradients call holds for one step; then the engine's own value again
+            if self._engine.clip_grad is not None:
+                engine.optimizer.clip_grad = self._engine.clip_grad
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._engine.engine.zero_grad()
@@ -327,8 +340,11 @@ class DeepSpeed(Common):
 
     def __init__(self, plan: Plan):
         super().__init__(plan)
-        self.scaler = None  # the engine scales fp16 losses itself
         self.engine: Engine | None = None
+
+    def make_precision(self, plan: Plan) -> Precision:
+        """Inputs in the engine's dtype, outputs back; the engine runs forward and scales fp16 losses itself."""
+        return Precision(plan, input_dtype=param_dtype(plan), engine=True)
 
     @property
     def param_dtype(self) -> torch.dtype:
@@ -350,7 +366,7 @@ class DeepSpeed(Common):
             stack.enter_context(InitContext(self.plan.device, self.param_dtype, empty_init=empty_init))
             yield
 
-    def wrap(self, module: nn.Module) -> FabricModule:
+    def wrap(self, module: nn.Module, move_to_device: bool = True) -> FabricModule:
         recorded = records_of(module) if self.plan.options.stage == 3 else None
         if recorded is not None:
             partition_recorded(module, self.plan, self.plan.options, recorded)
@@ -362,7 +378,7 @@ class DeepSpeed(Common):
         else:
             materialize(module, self.plan.device, self.param_dtype)
         self.engine = Engine(module, self.plan, self.plan.options)
-        return FabricModule(self.engine, self.plan, original=module, input_dtype=self.param_dtype)
+        return FabricModule(self.engine, self.precision, original=module)
 
     def setup_optimizer(self, optimizer: torch.optim.Optimizer) -> EngineOptimizer:
         check_optimizer(optimizer, model_set_up=False)
@@ -372,8 +388,28 @@ class DeepSpeed(Common):
         self.engine.start(optimizer)
         return EngineOptimizer(self.engine)
 
-    def backward(self, loss: torch.Tensor, **kwargs) -> None:
+    def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
         if self.engine is not None and self.engine.engine is not None:  # its loss scaling and ZeRO hooks
-            self.engine.engine.backward(loss, **kwargs)
+            self.engine.engine.backward(loss, *args, **kwargs)
             return
-        loss.backward(**kwargs)
+        loss.backward(*args, **kwargs)
+
+    def clip_gradients_norm(self, module: nn.Module, optimizer, max_norm: float, norm_type: float = 2.0,
+                            error_if_nonfinite: bool = True) -> None:
+        """ZeRO's gradients are partitioned, reduced and unscaled inside the engine's step: the coming step clips
+        them to `max_norm` (the engine's own 2-norm; read it after the step with `engine.get_global_grad_norm()`).
+        Returns None: the norm is known only in the step."""
+        if float(norm_type) != 2.0:
+            raise ConfigurationError(f"DeepSpeed clips gradients by their 2-norm only, not norm_type={norm_type!r}.")
+        zero = self._zero_optimizer("clip_gradients")
+        zero.clip_grad = float(max_norm)
+
+    def clip_gradients_value(self, module: nn.Module, optimizer, clip_val: float) -> None:
+        raise ConfigurationError("DeepSpeed clips gradients by norm only: use fabric.clip_gradients(model, optimizer, "
+                                 "max_norm=...), or 'gradient_clipping' in the DeepSpeed config.")
+
+    def _zero_optimizer(self, what: str):
+        if self.engine is None or self.engine.engine is None or self.engine.optimizer is None:
+            raise UsageError(f"{what} under DeepSpeed needs the engine and its optimizer: call "
+                             "fabric.setup(model, optimizer) first.")
+        return self.engine.engine.optimizer

@@ -17,13 +17,15 @@ keeps its rows of each full tensor as soon as it is complete. Peak: the local sh
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from torchinit.core.errors import ArgumentTypeError, ConfigurationError
@@ -33,9 +35,10 @@ from torchinit.materialize.verify import tie_groups, verify
 from torchinit.plan import FSDPStrategy, Plan, WrapPolicy
 from torchinit.record.recording import records_of
 from torchinit.strategies.base import Common, Layout, sharded_init_context
+from torchinit.strategies.precision import Precision
 from torchinit.strategies.wrappers import FabricModule
 
-__all__ = ["FSDP", "covers_all_meta", "shard", "units"]
+__all__ = ["FSDP", "covers_all_meta", "shard", "skip_gradient_sync", "units"]
 
 
 class FSDP(Common):
@@ -46,9 +49,30 @@ class FSDP(Common):
     def init_context(self, empty_init: bool):
         return sharded_init_context(self.plan, self.plan.options.record_init)
 
-    def wrap(self, module: nn.Module) -> FabricModule:
+    def make_precision(self, plan: Plan) -> Precision:
+        """Lightning's FSDP rule: true precisions (32-true too) cast inputs and run forward in their dtype."""
+        dtype = None if plan.mixed else plan.param_dtype
+        return Precision(plan, input_dtype=dtype, forward_dtype=dtype)
+
+    def wrap(self, module: nn.Module, move_to_device: bool = True) -> FabricModule:
         self.sharded.update(shard(module, self.plan, self.plan.options))
-        return FabricModule(module, self.plan)
+        return FabricModule(module, self.precision)
+
+    def no_backward_sync(self, module: FabricModule, enabled: bool) -> AbstractContextManager:
+        return skip_gradient_sync(module.module) if enabled else nullcontext()
+
+
+@contextlib.contextmanager
+def skip_gradient_sync(module: nn.Module) -> Iterator[None]:
+    """FSDP2 modules inside keep their gradients unsharded and unreduced (accumulated) until a backward outside."""
+    fsdp_modules = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    for m in fsdp_modules:
+        m.set_requires_gradient_sync(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in fsdp_modules:
+            m.set_requires_gradient_sync(True, recurse=False)
 
 
 def shard(module: nn.Module, plan: Plan, options: FSDPStrategy) -> dict[int, nn.Parameter]:

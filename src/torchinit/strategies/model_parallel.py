@@ -15,6 +15,8 @@ ModelParallelStrategy lays it out, with the eager model's values on every mesh.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
+
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -53,12 +55,23 @@ class ModelParallel(Common):
     def init_context(self, empty_init: bool):
         return sharded_init_context(self.plan, self.plan.options.record_init)
 
-    def wrap(self, module: nn.Module) -> FabricModule:
+    def no_backward_sync(self, module: FabricModule, enabled: bool) -> AbstractContextManager:
+        return fsdp.skip_gradient_sync(module.module) if enabled else nullcontext()
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, int] | None:
+        """The data is split over the data-parallel dimension only: tensor-parallel peers read the same batches."""
+        if self.mesh is None:
+            self.start()
+        dp = self.mesh["data_parallel"]
+        return {"num_replicas": dp.size(), "rank": dp.get_local_rank()}
+
+    def wrap(self, module: nn.Module, move_to_device: bool = True) -> FabricModule:
         if self.mesh is None:  # one process, never launched: the mesh of this one rank
             self.start()
         forward, sharded = shard(module, self.plan, self.mesh)
         self.sharded.update(sharded)
-        return FabricModule(forward, self.plan, original=module)
+        return FabricModule(forward, self.precision, original=module)
 
 
 def device_mesh(plan: Plan) -> DeviceMesh:

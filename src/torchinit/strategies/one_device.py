@@ -4,6 +4,7 @@ one source), then run it as it is; `ddp.py` adds the replication."""
 from __future__ import annotations
 
 import warnings
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import nn
@@ -33,9 +34,9 @@ class OneDevice(Common):
             return RecordContext(plan.device, plan.param_dtype, replay=True)
         return InitContext(plan.device, plan.param_dtype, empty_init=False)
 
-    def wrap(self, module: nn.Module) -> FabricModule:
+    def wrap(self, module: nn.Module, move_to_device: bool = True) -> FabricModule:
         empty = pending.unwritten_names(module)
-        materialize(module, self.plan.device, self.plan.param_dtype)
+        materialize(module, self.plan.device if move_to_device else None, self.plan.param_dtype)
         if empty:
             warnings.warn(
                 f"setup() initialized {len(empty)} parameter(s) that empty_init=True left unwritten and no checkpoint "
@@ -43,7 +44,11 @@ class OneDevice(Common):
                 f"{', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}",
                 stacklevel=5,
             )
-        return FabricModule(self.forward_module(module), self.plan, original=module)
+        return FabricModule(self.forward_module(module), self.precision, original=module)
+
+    def no_backward_sync(self, module: FabricModule, enabled: bool) -> AbstractContextManager:
+        """One process: nothing is synchronized, nothing to skip."""
+        return nullcontext()
 
     def forward_module(self, module: nn.Module) -> nn.Module:
         """What forward runs through: the module itself on one device."""

@@ -1,43 +1,31 @@
-"""What Fabric hands back from setup, for every strategy: the module wrapper (forward in the plan's precision), the
-optimizer checks, and the fp16 grad scaler behind `ScaledOptimizer`."""
+"""What Fabric hands back from setup, for every strategy: the module wrapper (forward in the precision's rules), the
+optimizer wrapper (steps through the precision) and the optimizer checks."""
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Callable
+from types import MethodType
+from typing import Any
 
 import torch
 from torch import nn
 
-from torchinit.core.compat import tree_map
-from torchinit.core.errors import ConfigurationError, UsageError
-from torchinit.plan import Plan
-
-
-def autocast(plan: Plan):
-    """Autocast for mixed precisions; a no-op context for true precisions."""
-    if not plan.mixed:
-        return nullcontext()
-    return torch.autocast(device_type=plan.device.type, dtype=plan.autocast_dtype)
-
-
-def grad_scaler(plan: Plan) -> torch.amp.GradScaler | None:
-    """fp16 autocast needs loss scaling; bf16 and the true precisions do not."""
-    if plan.precision == "16-mixed" and plan.device.type == "cuda":
-        return torch.amp.GradScaler("cuda")
-    return None
+from torchinit.core.errors import ArgumentTypeError, ConfigurationError, UsageError
+from torchinit.strategies.precision import Precision
 
 
 class FabricModule(nn.Module):
-    """A thin wrapper: forward (through DDP if wrapped) in the plan's precision; state_dict keys, parameters and
-    attributes are the original module's."""
+    """What `setup` returns (Lightning's `_FabricModule`): forward through the strategy's wrapper (DDP, the engine,
+    `parallelize_fn`'s result) with inputs and outputs converted as the precision says (precision.py); state dict
+    keys, parameters and attributes are the original module's, and setting an attribute sets it there."""
 
-    def __init__(self, forward_module, plan: Plan, original: nn.Module | None = None,
-                 input_dtype: torch.dtype | None = None):
+    def __init__(self, forward_module: nn.Module, precision: Precision, original: nn.Module | None = None):
         super().__init__()
         self._forward_module = forward_module
         self._original_module = original if original is not None else forward_module
-        self._plan = plan
-        self._input_dtype = input_dtype  # the engine's dtype (DeepSpeed); else the plan's for true precisions
+        self._precision = precision
+        self._forward_methods: set[str] = set(STEP_METHODS)
+        self._fabric_module_initialized = True
 
     @property
     def module(self) -> nn.Module:
@@ -50,13 +38,11 @@ class FabricModule(nn.Module):
         return self._forward_module
 
     def forward(self, *args, **kwargs):
-        if self._input_dtype is not None:  # the engine handles precision itself
-            args, kwargs = cast_floating((args, kwargs), self._input_dtype)
-            return self._forward_module(*args, **kwargs)
-        if not self._plan.mixed:
-            args, kwargs = cast_floating((args, kwargs), self._plan.param_dtype)
-        with autocast(self._plan):
-            return self._forward_module(*args, **kwargs)
+        precision = self._precision
+        args, kwargs = precision.convert_input((args, kwargs))
+        with precision.forward_context():
+            output = self._forward_module(*args, **kwargs)
+        return precision.convert_output(output)
 
     def state_dict(self, *args, **kwargs):
         return self._original_module.state_dict(*args, **kwargs)
@@ -70,17 +56,63 @@ class FabricModule(nn.Module):
     def named_buffers(self, *args, **kwargs):
         return self._original_module.named_buffers(*args, **kwargs)
 
+    def run_forward_through(self, make: Callable[[nn.Module], nn.Module]) -> None:
+        """Replace the module forward runs through by `make(it)` (the facade compiles it again after setup)."""
+        self._modules["_forward_module"] = make(self._forward_module)
+
+    def mark_forward_method(self, method: MethodType | str) -> None:
+        """Run `method` of the original module through forward's path (DDP's wrapper, the engine, precision), as
+        `training_step`, `validation_step`, `test_step` and `predict_step` already are."""
+        if not isinstance(method, (MethodType, str)):
+            raise ArgumentTypeError(f"mark_forward_method takes a method or its name, not a {type(method).__name__}.")
+        name = method if isinstance(method, str) else method.__name__
+        if name == "forward":
+            raise ConfigurationError("You cannot mark the forward method itself as a forward method.")
+        if not isinstance(getattr(self._original_module, name, None), MethodType):
+            raise UsageError(f"You marked {name!r} as a forward method, but `{type(self._original_module).__name__}."
+                             f"{name}` does not exist or is not a method.")
+        self._forward_methods.add(name)
+
+    def _through_forward(self, name: str) -> Callable:
+        """`name` called as forward: the original module's forward is pointed at the method for one call through
+        the wrapper, so DDP's hooks and the precision see it."""
+        original = self._original_module
+        real_forward = original.forward
+
+        def redirected(*args, **kwargs):
+            original.forward = real_forward
+            return getattr(original, name)(*args, **kwargs)
+
+        def call(*args, **kwargs):
+            original.forward = redirected
+            try:
+                return self.forward(*args, **kwargs)
+            finally:
+                original.forward = real_forward
+        return call
+
     def __getattr__(self, name: str):
+        if name != "_forward_methods" and name in self.__dict__.get("_forward_methods", ()) and (
+                self._modules["_forward_module"] is not self._modules["_original_module"]):
+            return self._through_forward(name)
         try:
             return super().__getattr__(name)
         except AttributeError:
             return getattr(super().__getattr__("_original_module"), name)
 
+    def __setattr__(self, name: str, value) -> None:
+        if not self.__dict__.get("_fabric_module_initialized", False):
+            super().__setattr__(name, value)
+            return
+        original = self._original_module
+        on_original, on_wrapper = hasattr(original, name), name in dir(self)
+        if on_original or not on_wrapper:
+            setattr(original, name, value)
+        if on_wrapper:
+            super().__setattr__(name, value)
 
-def cast_floating(tree, dtype: torch.dtype):
-    return tree_map(
-        lambda x: x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x, tree
-    )
+
+STEP_METHODS = ("training_step", "validation_step", "test_step", "predict_step")
 
 
 def check_optimizer(optimizer: torch.optim.Optimizer, model_set_up: bool = True) -> None:
@@ -109,20 +141,22 @@ def check_optimizer(optimizer: torch.optim.Optimizer, model_set_up: bool = True)
         )
 
 
-def setup_optimizer(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> torch.optim.Optimizer:
-    """With a grad scaler, `step()` must go through it (`ScaledOptimizer`); otherwise the optimizer is returned.
-
-    The wrapper's class also derives from the optimizer's own (`isinstance(opt, torch.optim.SGD)` holds)."""
-    if scaler is None:
-        return optimizer
+def setup_optimizer(optimizer: Any, precision: Precision, on_step: Callable[[Any], None] | None = None) -> Any:
+    """`FabricOptimizer` around `optimizer`; its class also derives from the optimizer's own (`isinstance(opt,
+    torch.optim.SGD)` holds)."""
+    if isinstance(optimizer, FabricOptimizer):
+        raise ConfigurationError("This optimizer was already set up by a Fabric; pass the original optimizer only "
+                                 "once.")
     cls = type(optimizer)
-    scaled = type(f"Scaled{cls.__name__}", (ScaledOptimizer, cls), {"__module__": __name__})
-    return scaled(optimizer, scaler)
+    bases = (FabricOptimizer, cls) if issubclass(cls, torch.optim.Optimizer) else (FabricOptimizer,)
+    wrapped = type(f"Fabric{cls.__name__}", bases, {"__module__": __name__})
+    return wrapped(optimizer, precision, on_step)
 
 
-class ScaledOptimizer(torch.optim.Optimizer):
-    """The optimizer, stepped through a grad scaler (16-mixed): `step()` unscales the gradients, skips the step on
-    inf/NaN and updates the scale.
+class FabricOptimizer(torch.optim.Optimizer):
+    """What `setup_optimizers` returns (Lightning's `_FabricOptimizer`): `.optimizer` is the one given; `step()`
+    goes through the precision (16-mixed: the grad scaler unscales, skips the step on inf/NaN and updates the
+    scale), then the callbacks' `on_after_optimizer_step`.
 
     Composition, not a shared `__dict__`: an LR scheduler patches `step` on the object it is given, so on a
     shared dict a scheduler made on the wrapper recursed forever and one made before `setup` bypassed the scaler.
@@ -130,8 +164,8 @@ class ScaledOptimizer(torch.optim.Optimizer):
     rates; `state_dict` / `load_state_dict` / `add_param_group` / `zero_grad` are its own.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler):  # no super(): no state
-        self.optimizer, self.scaler = optimizer, scaler
+    def __init__(self, optimizer: Any, precision: Precision, on_step: Callable[[Any], None] | None = None):
+        self.optimizer, self.precision, self.on_step = optimizer, precision, on_step  # no super(): no state
 
     param_groups = property(lambda self: self.optimizer.param_groups,
                             lambda self, groups: setattr(self.optimizer, "param_groups", groups))
@@ -139,11 +173,9 @@ class ScaledOptimizer(torch.optim.Optimizer):
     defaults = property(lambda self: self.optimizer.defaults)
 
     def step(self, closure=None):
-        if closure is not None:
-            raise ConfigurationError("optimizer.step(closure) is not supported with precision='16-mixed' (grad "
-                                     "scaler): call fabric.backward(loss) yourself, then optimizer.step().")
-        result = self.scaler.step(self.optimizer)
-        self.scaler.update()
+        result = self.precision.optimizer_step(self.optimizer, closure)
+        if self.on_step is not None:
+            self.on_step(self.optimizer)
         return result
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -165,3 +197,12 @@ class ScaledOptimizer(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.optimizer!r})"
+
+
+def unwrap(obj: Any) -> Any:
+    """The object a Fabric wrapper holds (a set-up module: its original module; an optimizer: the one given)."""
+    if isinstance(obj, FabricModule):
+        return obj.module
+    if isinstance(obj, FabricOptimizer):
+        return obj.optimizer
+    return obj
