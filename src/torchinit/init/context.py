@@ -121,6 +121,8 @@ class InitContext:
         return self
 
     def _enter_state(self, stack: ExitStack) -> ModuleWatch:
+        if self.empty_init:  # the parameters it makes are tracked until written: no inference tensors
+            stack.enter_context(pending.trackable())
         compute = torch.get_default_dtype()
         stack.callback(torch.set_default_dtype, compute)
         torch.set_default_dtype(self.dtype)
@@ -142,7 +144,8 @@ class InitContext:
         if recorder is not None:
             try:
                 if exc_type is None:
-                    recorder.finish(self.dtype)
+                    with pending.trackable():
+                        recorder.finish(self.dtype)
             finally:
                 recorder.close()
         return False

@@ -31,6 +31,7 @@ from torchinit.init.context import ACTIVE, ContextStack, ModuleWatch
 from torchinit.init.finish import finish, replay_now
 from torchinit.init.record_apply import converting_fake_modules, copying_fake_tensors
 from torchinit.init.recorder import OpRecorder
+from torchinit.record import pending
 from torchinit.record.data import Record, RecordError
 
 __all__ = ["RecordContext", "RecordError"]
@@ -132,7 +133,9 @@ class RecordContext:
         if exc_type is None:
             record_rng.check(recorder.record)
             built = list(modules.modules)
-            finish(recorder, built, self.dtype, self.device if self.empty_init else None, keep_garbage=self.replay)
+            with pending.trackable():  # placeholders are normal tensors, also under inference mode
+                finish(recorder, built, self.dtype, self.device if self.empty_init else None,
+                       keep_garbage=self.replay)
             if self.replay:
                 replay_now(recorder.record, built, self.device, self.dtype)
         return False
