@@ -88,3 +88,30 @@ def test_a_tensor_that_cannot_be_swapped_in_place_is_named():
         with CONTEXTS["fabric bf16-true"]():
             model = Holder()
             watcher = weakref.ref(model.tables[1])  # noqa: F841  (torch cannot swap a tensor someone watches)
+
+
+@pytest.mark.parametrize("precision, empty", [("bf16-true", False), ("bf16-true", True), ("32-true", True),
+                                              ("32-true", False)])
+def test_init_tensor_inside_init_module_makes_real_tensors_with_eager_values(precision, empty):
+    """Issue 19 item 5: it crashed at exit (a storage on meta set into a cpu tensor)."""
+    fabric = torchinit.Fabric(accelerator="cpu", precision=precision)
+    dtype = fabric.plan.param_dtype
+
+    def build():
+        model = Holder()
+        with fabric.init_tensor():  # litgpt's KV cache
+            cache = torch.randn(2, 3), torch.arange(3), torch.ones(2, dtype=torch.float64)
+        return model, cache
+
+    torch.manual_seed(0)
+    reference, want = build()
+    reference.to(dtype)
+    torch.manual_seed(0)
+    with fabric.init_module(empty_init=empty):
+        model, cache = build()
+    torchinit.materialize(model)
+    assert_bitwise_equal(model, reference)
+    assert [(t.dtype, type(t)) for t in cache] == [(dtype, torch.Tensor), (torch.int64, torch.Tensor),
+                                                    (torch.float64, torch.Tensor)]
+    assert torch.equal(cache[0], want[0].to(dtype)) and torch.equal(cache[1], want[1])
+    assert torch.equal(cache[2], want[2])

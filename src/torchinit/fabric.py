@@ -19,7 +19,7 @@ from torchinit.checkpoint import export, load_state, sharded_state
 from torchinit.checkpoint.header import CheckpointError
 from torchinit.checkpoint.load_model import load_checkpoint
 from torchinit.checkpoint.save import save_state
-from torchinit.init.context import InitContext
+from torchinit.init.context import InitContext, TensorContext, eager_default_dtype
 from torchinit.init.record import RecordContext
 from torchinit.plan import make_plan
 from torchinit.strategies import deepspeed as ds
@@ -123,7 +123,7 @@ class Fabric:
             return RecordContext(self.plan.device, self.plan.param_dtype)
         if empty_init and not sharded:  # record now, replay what no checkpoint writes (unwritten.py)
             return RecordContext(self.plan.device, self.plan.param_dtype, empty_init=True)
-        if not sharded and self.plan.param_dtype != torch.get_default_dtype():
+        if not sharded and self.plan.param_dtype != eager_default_dtype():  # (not an open context's)
             # G8: the constructor runs in eager's dtypes on fake tensors; each value is computed as eager does and
             # stored cast at exit, one tensor at a time (never an fp32 copy of the model)
             return RecordContext(self.plan.device, self.plan.param_dtype, replay=True)
@@ -146,9 +146,9 @@ class Fabric:
             yield
 
     def init_tensor(self) -> InitContext:
-        """Tensors created inside land on the device in the precision's dtype."""
+        """Tensors created inside land on the device in the precision's dtype (also inside `init_module()`)."""
         self._require_launch("init_tensor()")
-        return InitContext(self.plan.device, self.plan.param_dtype, empty_init=False)
+        return TensorContext(self.plan.device, self.plan.param_dtype)
 
     # ---- set up ----------------------------------------------------------------------------------
     def setup(self, module: nn.Module, *optimizers: torch.optim.Optimizer) -> Any:
