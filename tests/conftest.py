@@ -96,4 +96,4 @@ def no_leaked_global_state():
     yield
     assert global_state() == before
     assert not torchinit.init.context.ACTIVE
-    assert not torchinit.init.record.OPEN and not torchinit.init.record.RECORDING
+    assert not torchinit.init.context.RECORDS and not torchinit.init.record.RECORDING

@@ -149,6 +149,28 @@ def test_not_strict_initializes_what_is_missing_and_reports_it(tmp_path):
     assert all(not p.isnan().any() for p in model.parameters())
 
 
+@pytest.mark.parametrize("how", ["empty init", "record"])
+def test_not_strict_reports_what_it_filled_with_eager_values(how, tmp_path):
+    """Issue 19 item 7: tensors filled from the record (eager's values) were missing from `initialized`."""
+    want = eager(llama, torch.bfloat16)
+    state = {k: v for k, v in want.state_dict().items() if "layers.1.mlp" not in k}
+    path = write("safetensors", state, tmp_path)
+    torch.manual_seed(0)
+    if how == "empty init":
+        with torchinit.Fabric(accelerator="cpu", precision="bf16-true").init_module(empty_init=True):
+            model = llama()
+    else:
+        with torchinit.RecordContext("cpu", torch.bfloat16):
+            model = llama()
+    report = torchinit.load_checkpoint(model, path, strict=False)
+    assert report.missing == sorted(k for k in want.state_dict() if "layers.1.mlp" in k)
+    keys = want.state_dict()
+    assert sorted(k for k in report.initialized if k in keys) == report.missing
+    extra = {k for k in report.initialized if k not in keys}  # a meta model's non-persistent buffers (RoPE)
+    assert extra <= dict(model.named_buffers()).keys() and (how == "record") == bool(extra)
+    assert_bitwise_equal(model, want)
+
+
 def test_shape_mismatch_is_an_error_naming_the_key(tmp_path):
     state = eager(llama, torch.float32).state_dict()
     state["lm_head.weight"] = torch.ones(3, 3)

@@ -130,18 +130,58 @@ def test_reentered_and_nested_same_plan():
         assert torch.get_default_dtype() == torch.float32
 
 
-@pytest.mark.parametrize("inner", [dict(precision="16-true"), dict(precision="bf16-true", empty_init=True)])
-def test_nested_conflicting_plans_raise_and_keep_outer(inner):
-    outer = torchinit.Fabric(accelerator="cpu", precision="bf16-true")
-    empty = inner.pop("empty_init", False)
-    other = torchinit.Fabric(accelerator="cpu", **inner)
-    with outer.init_module():
-        with pytest.raises(ValueError, match="different plan"):
-            with other.init_module(empty_init=empty):
+BF16, FP32, FP16 = (torchinit.Fabric(accelerator="cpu", precision=p) for p in ("bf16-true", "32-true", "16-true"))
+META = torch.device("meta")
+CONFLICTS = {  # outer, inner: every pair has different plans (issue 19 item 6)
+    "record outer, 32-true init_module inner": (BF16.init_module, FP32.init_module),
+    "record outer, init inner of its dtype": (lambda: torchinit.RecordContext("cpu", torch.bfloat16),
+                                              lambda: torchinit.InitContext("cpu", torch.bfloat16)),
+    "empty record outer, init_module inner": (lambda: FP32.init_module(True), FP32.init_module),
+    "init outer, record inner": (lambda: torchinit.InitContext("cpu", torch.bfloat16),
+                                 lambda: torchinit.RecordContext("cpu", torch.bfloat16)),
+    "init outer, empty init_module inner": (FP32.init_module, lambda: FP32.init_module(True)),
+    "init_tensor outer, record inner": (BF16.init_tensor, BF16.init_module),
+    "record, another dtype": (BF16.init_module, FP16.init_module),
+    "record, init_tensor of another dtype": (BF16.init_module, FP16.init_tensor),
+    "init, another dtype": (lambda: torchinit.InitContext("cpu", torch.bfloat16),
+                            lambda: torchinit.InitContext("cpu", torch.float16)),
+    "init, init_tensor of another dtype": (FP32.init_module, BF16.init_tensor),
+    "record, another device": (BF16.init_module, lambda: torchinit.RecordContext(META, torch.bfloat16, replay=True)),
+    "record, init_tensor on another device": (BF16.init_module, lambda: torchinit.init.context.TensorContext(
+        META, torch.bfloat16)),
+    "init, another device": (FP32.init_module, lambda: torchinit.InitContext(META, torch.float32)),
+    "record, empty init inside": (BF16.init_module, lambda: BF16.init_module(True)),
+    "empty record, init inside": (lambda: BF16.init_module(True), BF16.init_module),
+    "init, empty init inside": (lambda: torchinit.InitContext("cpu", torch.bfloat16),
+                                lambda: torchinit.InitContext("cpu", torch.bfloat16, empty_init=True)),
+}
+
+
+@pytest.mark.parametrize("case", CONFLICTS)
+def test_nested_conflicting_plans_raise_and_keep_outer(case):
+    outer, inner = CONFLICTS[case]
+    context = outer()
+    with context:
+        with pytest.raises(ValueError, match="different plan") as error:
+            with inner():
                 pass
         layer = nn.Linear(2, 2)
-    assert layer.weight.dtype == torch.bfloat16
+    assert isinstance(error.value, torchinit.TorchinitError)
+    torchinit.materialize(layer)  # (a record's placeholders, empty init's pending tensors)
+    want = getattr(context, "dtype", None) or torch.float32
+    assert layer.weight.dtype == want and layer.weight.device.type == "cpu", "built as the outer context builds"
     assert torch.get_default_dtype() == torch.float32
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "32-true"])
+@pytest.mark.parametrize("empty", [False, True])
+def test_the_same_plan_nests_in_every_mode(precision, empty):
+    fabric = torchinit.Fabric(accelerator="cpu", precision=precision)
+    with fabric.init_module(empty_init=empty), fabric.init_module(empty_init=empty), fabric.init_tensor():
+        with fabric.init_tensor(), fabric.init_module(empty_init=empty):
+            layer = nn.Linear(2, 2)
+        loose = torch.ones(2)
+    assert layer.weight.dtype == loose.dtype == fabric.plan.param_dtype and type(loose) is torch.Tensor
 
 
 def test_user_default_dtype_is_restored_not_reset():

@@ -445,19 +445,6 @@ def test_a_generator_moved_in_a_way_the_record_cannot_repeat_is_an_error():
     assert all(a is b for a, b in zip(seeding(), before, strict=True))
 
 
-def test_fake_tensors_left_in_containers_are_named():
-    class Cache(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.weight = nn.Parameter(torch.randn(2))
-            self.tables = [torch.zeros(3)]
-
-    with pytest.warns(UserWarning, match=r"Cache\.tables"):
-        with torchinit.RecordContext("cpu"):
-            model = Cache()
-    assert model.weight.device.type == "meta"
-
-
 def test_modules_from_two_records_each_replay_their_own():
     first, second = recorded(MODELS["llama"], seed=0), recorded(MODELS["gpt2"], seed=1)
     combined = nn.ModuleDict({"first": first, "second": second})

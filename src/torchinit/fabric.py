@@ -23,7 +23,7 @@ from torchinit.checkpoint.save import on_rank_zero, save_state
 from torchinit.checkpoint.stateful import check_filter, load_stateful, saved_form
 from torchinit.core.compat import compiled_parts
 from torchinit.core.errors import ArgumentTypeError, ConfigurationError, UsageError
-from torchinit.init.context import InitContext
+from torchinit.init.context import TensorContext
 from torchinit.loggers import scalars
 from torchinit.plan import Plan, make_plan
 from torchinit.plugins import Accelerator, check_plugins
@@ -130,10 +130,10 @@ class Fabric:
         self._require_launch("init_module()")
         return self.strategy.init_context(bool(empty_init))
 
-    def init_tensor(self) -> InitContext:
-        """Tensors created inside land on the device in the precision's dtype."""
+    def init_tensor(self) -> TensorContext:
+        """Tensors created inside land on the device in the precision's dtype (also inside `init_module()`)."""
         self._require_launch("init_tensor()")
-        return InitContext(self.plan.device, self.plan.param_dtype, empty_init=False)
+        return TensorContext(self.plan.device, self.plan.param_dtype)
 
     # ---- set up ----------------------------------------------------------------------------------
     def setup(self, module: nn.Module, *optimizers: torch.optim.Optimizer, scheduler: Any = None,

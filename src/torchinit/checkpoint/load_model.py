@@ -98,7 +98,8 @@ def load_into(
         report.bytes = load_partitions(module, view)
     else:
         result = materialize(module, device, dtype, checkpoint=view)
-        report.initialized, report.bytes = result.from_init, view.bytes_read
+        report.initialized = [*result.from_record, *result.from_init]  # eager's values (the record), or the inits'
+        report.bytes = view.bytes_read
     report.seconds = time.perf_counter() - start
     return report
 

@@ -17,9 +17,9 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = [
-    "TORCH_VERSION", "DispatchMode", "FakeTensor", "FakeTensorMode", "compiled_parts", "is_op_overload",
-    "local_shape_and_offset",
-    "shard_placements", "split_part", "storage_id", "tree_leaves", "tree_map", "unset_fake_temporarily",
+    "TORCH_VERSION", "DispatchMode", "FakeTensor", "FakeTensorMode", "compiled_parts", "forget_fake_memos",
+    "is_op_overload", "local_shape_and_offset", "shard_placements", "split_part", "storage_id", "tree_leaves",
+    "tree_map", "unset_fake_temporarily",
 ]
 
 TORCH_VERSION: tuple[int, int] = tuple(int(x) for x in re.match(r"(\d+)\.(\d+)", torch.__version__).groups())
@@ -40,6 +40,16 @@ class DispatchMode(TorchDispatchMode):
 def is_op_overload(func: Any) -> bool:
     """Whether `func` is an aten operator overload (what a dispatch mode receives), not a Python function."""
     return isinstance(func, torch._ops.OpOverload)
+
+
+def forget_fake_memos(mode: FakeTensorMode) -> None:
+    """Drop a finished fake mode's memos of its fake tensors (views, constants): they hold weak references to them,
+    which `torch.utils.swap_tensors` refuses, so a fake that escaped could not be made real in place."""
+    converter = mode.fake_tensor_converter
+    for memo in (getattr(converter.meta_converter, "tensor_memo", None),
+                 getattr(converter, "constant_storage_mapping", None)):
+        if memo is not None:
+            memo.clear()
 
 
 def storage_id(t: torch.Tensor) -> int:

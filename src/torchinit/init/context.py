@@ -9,6 +9,8 @@ and parameters that nothing wrote are handed to the pending registry (record/pen
 
 The default dtype, the default device and `torch.nn.init` are process-global: while a context is open, other
 threads see them changed, so a second thread that opens a context meanwhile gets an error (`ContextStack`).
+Contexts nest only with the same plan; `TensorContext` (`init_tensor()`) nests inside any context of its device
+and dtype, record contexts included (`RECORDS`, `OpenRecord`).
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from __future__ import annotations
 import functools
 import threading
 import weakref
+from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -31,7 +34,8 @@ from torchinit.core.patching import init_functions, patched
 from torchinit.init.construct import ConstructionMode
 from torchinit.record import pending
 
-__all__ = ["ACTIVE", "ContextStack", "InitContext", "ModuleWatch"]
+__all__ = ["ACTIVE", "RECORDS", "ContextStack", "InitContext", "ModuleWatch", "OpenRecord", "TensorContext",
+           "eager_default_dtype"]
 
 T = TypeVar("T")
 
@@ -82,7 +86,30 @@ class ContextStack(Generic[T]):
             return item
 
 
+def eager_default_dtype() -> torch.dtype:
+    """The default dtype that eager code would see: the one before the open init contexts changed it."""
+    entered = [c.eager_dtype for c in ACTIVE._items if c.eager_dtype is not None] if ACTIVE else []
+    return entered[0] if entered else torch.get_default_dtype()
+
+
+class OpenRecord(Protocol):
+    """What an init context needs of an open record context (init/record.py) to nest inside it."""
+
+    device: torch.device
+
+    @property
+    def tensor_dtype(self) -> torch.dtype:
+        """The dtype its floating tensors end in."""
+
+    def describe(self) -> str:
+        """Its plan, for messages."""
+
+    def tensor_window(self) -> Callable[[], None]:
+        """Tensors made from now until the returned function is called end in `tensor_dtype` (`init_tensor()`)."""
+
+
 ACTIVE: ContextStack[InitContext] = ContextStack("init")
+RECORDS: ContextStack[OpenRecord] = ContextStack("record")  # open record contexts (init/record.py), innermost last
 
 
 class InitContext:
@@ -93,31 +120,43 @@ class InitContext:
     later gives the parameters memory and values.
 
     Nothing is entered before `__enter__`. The same object may be entered again, also nested; nesting a
-    context with a different plan raises `ValueError` and changes nothing.
+    context with a different plan, or inside a record context, raises `ValueError` and changes nothing.
     """
 
     def __init__(self, device: torch.device, dtype: torch.dtype, empty_init: bool = False, meta: bool = False):
         self.device, self.dtype, self.empty_init = torch.device(device), dtype, bool(empty_init)
         self.meta = bool(meta)
+        self.eager_dtype: torch.dtype | None = None  # the default dtype at entry (outermost): eager code's
         self._open: list[tuple[ExitStack, ModuleWatch | None]] = []
 
     def plan(self) -> tuple:
         """What the context does (contexts with equal plans nest)."""
         return self.device, self.dtype, self.empty_init, self.meta
 
-    def _describe(self) -> str:
+    def describe(self) -> str:
         return f"device={self.device}, dtype={self.dtype}, empty_init={self.empty_init}, meta={self.meta}"
+
+    def _nests_in(self, outer: InitContext) -> bool:
+        return outer.plan() == self.plan()
+
+    def _nests_in_record(self, outer: OpenRecord) -> bool:
+        return False  # a record context builds on fake tensors: another way of building cannot open inside it
 
     def __enter__(self) -> InitContext:
         ACTIVE.check_thread()  # before anything is entered or compared: another thread's context is not ours
+        RECORDS.check_thread()
         stack = ExitStack()
-        if ACTIVE:
-            outer = ACTIVE[-1]
-            if outer.plan() != self.plan():
+        if ACTIVE or RECORDS:
+            outer = ACTIVE[-1] if ACTIVE else RECORDS[-1]  # (init contexts open inside a record are inner to it)
+            if not (self._nests_in(outer) if ACTIVE else self._nests_in_record(outer)):
+                kind = "init" if ACTIVE else "record"
                 raise ConfigurationError(
-                    f"Cannot open an init context ({self._describe()}) inside another one with a different plan "
-                    f"({outer._describe()}). Close the outer context first, or use the same Fabric for both."
+                    f"Cannot open an init context ({self.describe()}) inside a {kind} context with a different plan "
+                    f"({outer.describe()}); only init_tensor() of the same device and dtype, or a context with the "
+                    "same plan, nests. Close the outer context first, or use the same Fabric for both."
                 )
+            if not ACTIVE:  # init_tensor() inside a record: what it makes is recorded, and ends in its dtype
+                stack.callback(outer.tensor_window())
             recorder = None  # the outer context already does everything
         else:
             try:
@@ -131,7 +170,10 @@ class InitContext:
         return self
 
     def _enter_state(self, stack: ExitStack) -> ModuleWatch:
-        compute = torch.get_default_dtype()
+        if self.empty_init:  # the parameters it makes are tracked until written: no inference tensors
+            stack.enter_context(pending.trackable())
+        compute = self.eager_dtype = torch.get_default_dtype()
+        stack.callback(setattr, self, "eager_dtype", None)
         stack.callback(torch.set_default_dtype, compute)
         torch.set_default_dtype(self.dtype)
         stack.enter_context(torch.device(self.device))
@@ -152,10 +194,26 @@ class InitContext:
         if recorder is not None:
             try:
                 if exc_type is None:
-                    recorder.finish(self.dtype)
+                    with pending.trackable():
+                        recorder.finish(self.dtype)
             finally:
                 recorder.close()
         return False
+
+
+class TensorContext(InitContext):
+    """What `fabric.init_tensor()` returns: an `InitContext` for loose tensors that also nests inside any context of
+    the same device and dtype, `init_module()`'s included. Inside a record context what it makes is recorded with
+    the rest and comes out real at the record's exit, its floating tensors in this dtype."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        super().__init__(device, dtype)
+
+    def _nests_in(self, outer: InitContext) -> bool:
+        return (outer.device, outer.dtype) == (self.device, self.dtype)
+
+    def _nests_in_record(self, outer: OpenRecord) -> bool:
+        return (outer.device, outer.tensor_dtype) == (self.device, self.dtype)
 
 
 class ModuleWatch:

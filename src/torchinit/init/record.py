@@ -19,6 +19,7 @@ from the random-generator state construction started with, so the values are eag
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack
 
 import torch
@@ -27,10 +28,11 @@ from torchinit.core.compat import FakeTensor, FakeTensorMode, unset_fake_tempora
 from torchinit.core.errors import ConfigurationError
 from torchinit.core.patching import init_functions, patched
 from torchinit.init import record_rng
-from torchinit.init.context import ACTIVE, ContextStack, ModuleWatch
+from torchinit.init.context import ACTIVE, RECORDS, ContextStack, ModuleWatch
 from torchinit.init.finish import finish, replay_now
 from torchinit.init.record_apply import converting_fake_modules, copying_fake_tensors
 from torchinit.init.recorder import OpRecorder
+from torchinit.record import pending
 from torchinit.record.data import Record, RecordError
 
 __all__ = ["RecordContext", "RecordError"]
@@ -73,7 +75,9 @@ class RecordContext:
     With `empty_init=True` the placeholders are real, uninitialized memory on `device` (so `load_state_dict`
     works): buffers get their values at exit, parameters stay pending until a checkpoint writes them, and the
     record replays into exactly those nothing wrote (record/pending.py).
-    Nothing is entered before `__enter__`; contexts do not nest.
+    Nothing is entered before `__enter__`. A record context with the same plan nests (it does nothing), and so does
+    `fabric.init_tensor()` of the same device and dtype (what it makes is recorded, and comes out real in this dtype
+    at exit); any other context inside or around it raises `ValueError`, changing nothing.
     """
 
     def __init__(self, device: torch.device | str, dtype: torch.dtype | None = None, empty_init: bool = False,
@@ -88,15 +92,30 @@ class RecordContext:
         """What the context does (contexts with equal plans nest)."""
         return self.device, self.dtype, self.empty_init, self.replay
 
+    def describe(self) -> str:
+        return f"record: device={self.device}, dtype={self.dtype}, empty_init={self.empty_init}, replay={self.replay}"
+
+    @property
+    def tensor_dtype(self) -> torch.dtype:
+        """The dtype its floating tensors end in (while open)."""
+        return self.dtype if self.dtype is not None else RECORDING[-1].record.default_dtype
+
+    def tensor_window(self) -> Callable[[], None]:
+        """`init_tensor()` opens inside: what is made until the returned function runs ends in `tensor_dtype`."""
+        recorder = RECORDING[-1]
+        window = [len(recorder.storage_of_node), None]
+        recorder.windows.append(window)
+        return lambda: window.__setitem__(1, len(recorder.storage_of_node))
+
     def __enter__(self) -> RecordContext:
-        if RECORDING or ACTIVE:
-            OPEN.check_thread()
-            ACTIVE.check_thread()
-            outer = OPEN[-1] if RECORDING else None
-            if outer is None or outer.plan() != self.plan():
+        RECORDS.check_thread()
+        ACTIVE.check_thread()
+        if ACTIVE or RECORDING:  # an init context open inside a record (init_tensor()) is part of that record
+            outer = RECORDS[-1] if RECORDING else ACTIVE[-1]
+            if not RECORDING or outer.plan() != self.plan():
                 raise ConfigurationError(
-                    "Cannot open a record context inside another init or record context with a different plan: "
-                    "close the outer context first, or use the same Fabric for both.")
+                    f"Cannot open a record context ({self.describe()}) inside another context with a different plan "
+                    f"({outer.describe()}): close the outer context first, or use the same Fabric for both.")
             self._open.append(None)  # the outer context does everything
             return self
         stack = ExitStack()
@@ -111,8 +130,8 @@ class RecordContext:
             stack.enter_context(recorder)
             RECORDING.push(recorder)
             stack.callback(RECORDING.pop)
-            OPEN.push(self)
-            stack.callback(OPEN.pop)
+            RECORDS.push(self)
+            stack.callback(RECORDS.pop)
             stack.enter_context(_record_init_functions())
             stack.enter_context(record_rng.recording_seeds(recorder))
             stack.enter_context(converting_fake_modules())
@@ -132,11 +151,24 @@ class RecordContext:
         if exc_type is None:
             record_rng.check(recorder.record)
             built = list(modules.modules)
-            finish(recorder, built, self.dtype, self.device if self.empty_init else None, keep_garbage=self.replay)
+            with pending.trackable():  # placeholders are normal tensors, also under inference mode
+                finish(recorder, built, self.dtype, self.device if self.empty_init else None,
+                       keep_garbage=self.replay, dtype_of=_tensor_dtypes(recorder, self.dtype))
             if self.replay:
                 replay_now(recorder.record, built, self.device, self.dtype)
         return False
 
 
+def _tensor_dtypes(recorder: OpRecorder, dtype: torch.dtype | None) -> Callable[[torch.Tensor, int], torch.dtype]:
+    """The dtype a loose tensor ends in: made under `init_tensor()` (a window of nodes) in the default dtype of
+    construction, the context's dtype; else its own (eager's: a tensor that is not the module's is not cast)."""
+    compute = recorder.record.default_dtype
+
+    def dtype_of(fake: torch.Tensor, node: int) -> torch.dtype:
+        inside = any(start <= node and (end is None or node < end) for start, end in recorder.windows)
+        return dtype if inside and dtype is not None and fake.dtype == compute else fake.dtype
+
+    return dtype_of
+
+
 RECORDING: ContextStack[OpRecorder] = ContextStack("record")  # the recorder of the open record context
-OPEN: ContextStack[RecordContext] = ContextStack("record")

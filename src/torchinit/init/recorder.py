@@ -45,6 +45,7 @@ class OpRecorder(DispatchMode):
         self.touched: set[int] = set()  # memory referenced by the op being encoded
         self.garbage = Garbage(record.garbage)
         self.paused = False
+        self.windows: list[list[int | None]] = []  # node ranges [start, end) made under init_tensor()
 
     # -- references
     def ref(self, t: torch.Tensor) -> Ref | Alias:

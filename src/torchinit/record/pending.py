@@ -3,7 +3,9 @@ until something writes them (G5).
 
 A parameter counts as written once its version counter or its data pointer moved since construction:
 `load_state_dict` copies in place (version), `assign=True` or `.data =` swaps the memory (pointer). Writes
-through `.data` (a fresh version counter) are invisible: write with `copy_` under `torch.no_grad()`.
+through `.data` (a fresh version counter) are invisible: write with `copy_` under `torch.no_grad()`. So the tensors
+tracked are made as normal tensors also under `torch.inference_mode()` (`trackable`): inference tensors have no
+version counter.
 
 Three guards keep garbage from being used:
 1. after any `load_state_dict` into a model built with empty init, what the checkpoint missed is initialized
@@ -22,7 +24,8 @@ from __future__ import annotations
 import dataclasses
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -33,7 +36,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from torchinit.core.errors import UsageError
 from torchinit.record.recording import records_of
 
-__all__ = ["Filler", "fill", "is_pending", "mark_written", "pending_restorer", "set_filler", "track",
+__all__ = ["Filler", "fill", "is_pending", "mark_written", "pending_restorer", "set_filler", "track", "trackable",
            "unwritten_names"]
 
 
@@ -72,12 +75,26 @@ class _Stamp:
 _PENDING = WeakIdKeyDictionary()  # Parameter -> _Stamp
 
 
+@contextmanager
+def trackable() -> Iterator[None]:
+    """Tensors made inside are normal tensors, also under `torch.inference_mode()`: an inference tensor has no
+    version counter, so a write into it (`load_state_dict` under inference mode) could not be seen. Grad mode
+    stays as it was."""
+    if not torch.is_inference_mode_enabled():
+        yield
+        return
+    grad = torch.is_grad_enabled()
+    with torch.inference_mode(False), torch.set_grad_enabled(grad):
+        yield
+
+
 def is_pending(param: torch.Tensor) -> bool:
     """Whether empty init left `param` unwritten and nothing has written it since."""
     stamp = _PENDING.get(param)
     if stamp is None:
         return False
-    if param._version != stamp.version or param.data_ptr() != stamp.data_ptr:
+    # the pointer first: `.data =` an inference tensor (a swap: a write) leaves no version counter to read
+    if param.data_ptr() != stamp.data_ptr or param._version != stamp.version:
         del _PENDING[param]
         return False
     return True

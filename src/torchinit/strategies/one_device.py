@@ -6,10 +6,9 @@ from __future__ import annotations
 import warnings
 from contextlib import AbstractContextManager, nullcontext
 
-import torch
 from torch import nn
 
-from torchinit.init.context import InitContext
+from torchinit.init.context import InitContext, eager_default_dtype
 from torchinit.init.record import RecordContext
 from torchinit.materialize.materialize import materialize
 from torchinit.record import pending
@@ -28,7 +27,7 @@ class OneDevice(Common):
         plan = self.plan
         if empty_init:  # record now, replay what no checkpoint writes (record/pending.py)
             return RecordContext(plan.device, plan.param_dtype, empty_init=True)
-        if plan.param_dtype != torch.get_default_dtype():
+        if plan.param_dtype != eager_default_dtype():  # (not an open context's)
             # G8: the constructor runs in eager's dtypes on fake tensors; each value is computed as eager does and
             # stored cast at exit, one tensor at a time (never an fp32 copy of the model)
             return RecordContext(plan.device, plan.param_dtype, replay=True)
