@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
-__all__ = ["module_dtype", "own_apply"]
+__all__ = ["default_dtype", "module_dtype", "own_apply"]
+
+
+@contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """`dtype` as torch's default dtype inside; the previous one restored on every path."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def module_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 import torch
 
 from torchinit.core.compat import tree_leaves, tree_map
+from torchinit.core.dtypes import default_dtype
 from torchinit.record.data import Alias, Const, Gen, Record, Ref
 
 __all__ = ["Replayer", "backward_slice", "evaluate", "generator_states"]
@@ -117,7 +118,7 @@ class Replayer:
     def run(self, stop: int, finished) -> None:
         """Run ops up to `stop`; `finished(memory)` once no later op touches it (then it is freed)."""
         ops, record = self.record.ops, self.record
-        with self._generators(), _default_dtype(record.default_dtype), torch.no_grad():
+        with self._generators(), default_dtype(record.default_dtype), torch.no_grad():
             while self.cursor < stop:
                 i, op = self.cursor, ops[self.cursor]
                 if self.only is not None and i not in self.only:
@@ -152,14 +153,6 @@ class Replayer:
                 generators[i].set_state(saved[i])
 
 
-@contextmanager
-def _default_dtype(dtype: torch.dtype):
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(before)
 
 
 def backward_slice(record: Record, memories: set[int], every_draw: bool = False) -> set[int]:

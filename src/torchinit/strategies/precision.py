@@ -13,12 +13,13 @@ The conversion rules are Lightning 2.6's, so a program's values are the same as 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
 
 from torchinit.core.compat import tree_map
+from torchinit.core.dtypes import default_dtype
 from torchinit.core.errors import ConfigurationError
 from torchinit.plan import Plan
 
@@ -37,15 +38,6 @@ def grad_scaler(plan: Plan) -> torch.amp.GradScaler | None:
     return None
 
 
-@contextmanager
-def default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    """`dtype` as torch's default dtype inside; the previous one restored on every path."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
 
 
 class Precision:
