@@ -79,9 +79,12 @@ def test_storage_id_is_shared_by_views_and_differs_between_storages():
 
 
 def test_dispatch_mode_sees_ops_without_importing_dynamo():
-    """A plain TorchDispatchMode imports torch._dynamo on first use on recent torch; DispatchMode never does."""
+    """A plain TorchDispatchMode imports torch._dynamo on first use on recent torch; DispatchMode never does.
+    (Below torch 2.8 or so, importing torch.distributed.fsdp already imports torch._dynamo: nothing to save there.)"""
     code = (
-        "import sys, torch, torchinit\n"
+        "import sys, torch, torch.distributed.fsdp\n"
+        "already = 'torch._dynamo' in sys.modules\n"
+        "import torchinit\n"
         "from torchinit.core.compat import DispatchMode\n"
         "seen = []\n"
         "class Mode(DispatchMode):\n"
@@ -91,7 +94,7 @@ def test_dispatch_mode_sees_ops_without_importing_dynamo():
         "with Mode():\n"
         "    torch.ones(3).add_(1)\n"
         "assert torch.ops.aten.add_.Tensor in seen, seen\n"
-        "assert 'torch._dynamo' not in sys.modules\n"
+        "assert already or 'torch._dynamo' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -163,6 +166,10 @@ def test_local_shape_and_offset_matches_the_fallback_box(fake_ranks, monkeypatch
         coordinate = (mesh.mesh == rank).nonzero()[0].tolist()
         full = torch.zeros(shape)
         if any(isinstance(p, _StridedShard) for p in placements):  # distribute_tensor cannot lay these out
+            if compat.TORCH_VERSION < (2, 9) and shape[0] % world:  # nor can torch's own split before 2.9
+                with pytest.raises(AssertionError, match="even sharding"):
+                    compat.split_part(placements[0], full, mesh_shape[0], coordinate[0])
+                return
             local = full
             for d, (p, index) in enumerate(zip(placements, coordinate, strict=True)):
                 if isinstance(p, compat.shard_placements()):
