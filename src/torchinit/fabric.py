@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from torchinit import launch as launcher
-from torchinit.checkpoint import export, load_state, sharded_state
+from torchinit.checkpoint import export, full_save, load_state, sharded_state
 from torchinit.checkpoint.load_model import load_checkpoint
 from torchinit.checkpoint.save import save_state
 from torchinit.core.errors import ArgumentTypeError, CheckpointError, ConfigurationError, UsageError
@@ -159,6 +159,9 @@ class Fabric:
         layout = self.strategy.layout
         if layout is Layout.DCP:  # each rank its shards, any placement
             sharded_state.save_fsdp(path, state)
+            return
+        if layout is Layout.FULL:  # one file from rank 0, gathered one tensor at a time
+            full_save.save_full(path, state)
             return
         if layout is Layout.DEEPSPEED:
             sharded_state.save_deepspeed(path, state, self.strategy.engine)
