@@ -17,8 +17,9 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = [
-    "TORCH_VERSION", "DispatchMode", "FakeTensor", "FakeTensorMode", "is_op_overload", "local_shape_and_offset",
-    "shard_placements", "split_part", "storage_id", "tree_leaves", "tree_map", "unset_fake_temporarily",
+    "TORCH_VERSION", "DispatchMode", "FakeTensor", "FakeTensorMode", "fsdp1_policy_targets", "is_fsdp1_policy",
+    "is_op_overload", "local_shape_and_offset", "shard_placements", "split_part", "storage_id", "tree_leaves",
+    "tree_map", "unset_fake_temporarily",
 ]
 
 TORCH_VERSION: tuple[int, int] = tuple(int(x) for x in re.match(r"(\d+)\.(\d+)", torch.__version__).groups())
@@ -72,3 +73,16 @@ def local_shape_and_offset(target: Any, coordinate: list[int]) -> tuple[tuple[in
     shape, offset = _compute_local_shape_and_global_offset(target.shape, target.device_mesh.shape,
                                                            lambda d: coordinate[d], target.placements)
     return tuple(shape), tuple(offset)
+
+
+def is_fsdp1_policy(policy: Any) -> bool:
+    """Whether `policy` is one of FSDP1's policy objects (`ModuleWrapPolicy`, `CustomPolicy`: `_Policy`s)."""
+    from torch.distributed.fsdp.wrap import _Policy
+
+    return isinstance(policy, _Policy)
+
+
+def fsdp1_policy_targets(policy: Any, root: torch.nn.Module) -> dict[int, dict]:
+    """{id(module): FSDP1 keyword overrides} for the modules an FSDP1 policy object picks under `root` (its
+    `_run_policy`, which `FullyShardedDataParallel` calls the same way)."""
+    return {id(module): kwargs for module, kwargs in policy._run_policy(root, set(), {}).items()}
