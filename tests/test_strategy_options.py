@@ -186,9 +186,15 @@ def test_ddp_arguments_and_lightnings_names():
         torchinit.DDPStrategy(start_method="fork")
     with pytest.raises(torchinit.ArgumentTypeError, match="timedelta"):
         torchinit.DDPStrategy(timeout=30)
+    with pytest.raises(torchinit.ArgumentTypeError, match="name a backend"):
+        torchinit.FSDPStrategy(process_group_backend=dist_backend_object())
     with pytest.raises(torchinit.ConfigurationError, match="strategy='dp' is not supported"):
         torchinit.Fabric(accelerator="cpu", strategy="dp")
     assert torchinit.strategies.FSDPStrategy is torchinit.FSDPStrategy  # where Lightning keeps them
+
+
+def dist_backend_object():
+    return torch.distributed.Backend  # a class, not a backend's name
 
 
 def test_deepspeed_config_from_lightnings_arguments():
