@@ -25,8 +25,10 @@ def slurm(rank, tasks=2, nodes=1, **extra):
 
 @pytest.fixture
 def clean(monkeypatch):
+    """No torchrun or SLURM variables; whatever the test (or the launcher) sets is removed after it."""
     for name in [*TORCHRUN, *(n for n in os.environ if n.startswith("SLURM_"))]:
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")  # recorded, so that the launcher's own writes are undone too
+        monkeypatch.delenv(name)
     return monkeypatch
 
 
