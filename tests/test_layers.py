@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("torchinit.strategies",),
     ("torchinit.init", "torchinit.materialize"),  # siblings
     ("torchinit.record",),
-    ("torchinit.plan", "torchinit.core", "torchinit.models"),
+    ("torchinit.plan", "torchinit.options", "torchinit.from_lightning", "torchinit.core", "torchinit.models"),
 ]
 SIBLINGS = {("torchinit.init", "torchinit.materialize")}
 

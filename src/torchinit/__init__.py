@@ -26,17 +26,17 @@ from torchinit.loggers import CSVLogger, TensorBoardLogger
 from torchinit.materialize.inits import register_init
 from torchinit.materialize.materialize import MaterializeReport, materialize
 from torchinit.materialize.verify import tie_groups, verify
-from torchinit.plan import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from torchinit.options import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from torchinit.record.pending import unwritten_names
 from torchinit.record.recording import RecordedInit
 from torchinit.seeding import seed_everything
 
 __all__ = [
-    "ArgumentTypeError", "CSVLogger", "Checkpoint", "CheckpointError", "ConfigurationError", "DeepSpeedStrategy",
-    "FSDPStrategy", "Fabric", "InitContext", "InsufficientMemoryError", "LoadReport", "MaterializeError",
-    "MaterializeReport", "MissingKeyError", "ModelParallelStrategy", "RankError", "RecordContext", "RecordError",
-    "RecordedInit", "SaveError", "TensorBoardLogger", "TorchinitError", "UnsupportedError", "UsageError",
-    "VerificationError", "load_checkpoint", "materialize", "nan_poison", "open_checkpoint", "register_init",
-    "seed_everything", "tie_groups", "unwritten_names", "verify",
+    "ArgumentTypeError", "CSVLogger", "Checkpoint", "CheckpointError", "ConfigurationError", "DDPStrategy",
+    "DeepSpeedStrategy", "FSDPStrategy", "Fabric", "InitContext", "InsufficientMemoryError", "LoadReport",
+    "MaterializeError", "MaterializeReport", "MissingKeyError", "ModelParallelStrategy", "RankError", "RecordContext",
+    "RecordError", "RecordedInit", "SaveError", "TensorBoardLogger", "TorchinitError", "UnsupportedError",
+    "UsageError", "VerificationError", "load_checkpoint", "materialize", "nan_poison", "open_checkpoint",
+    "register_init", "seed_everything", "tie_groups", "unwritten_names", "verify",
 ]
 __version__ = "0.1.0"

@@ -17,7 +17,7 @@ from torch import nn
 from torchinit import collectives, data, seeding
 from torchinit import launch as launcher
 from torchinit.callbacks import Callbacks
-from torchinit.checkpoint import export, load_state, sharded_state
+from torchinit.checkpoint import export, full_save, load_state, sharded_state
 from torchinit.checkpoint.load_model import load_checkpoint
 from torchinit.checkpoint.save import on_rank_zero, save_state
 from torchinit.checkpoint.stateful import check_filter, load_stateful, saved_form
@@ -219,6 +219,9 @@ class Fabric:
         state = saved_form(state, filter)
         if layout is Layout.DCP:  # each rank its shards, any placement
             sharded_state.save_fsdp(path, state)
+            return
+        if layout is Layout.FULL:  # one file from rank 0, gathered one tensor at a time
+            full_save.save_full(path, state)
             return
         if layout is Layout.DEEPSPEED:
             sharded_state.save_deepspeed(path, state, self.strategy.engine)

@@ -3,6 +3,10 @@
 `Fabric.launch` comes in three ways (this module never imports Fabric: `spawn` is handed a factory that makes
 one, and each new process joins through the Fabric's public `join_process_group`):
 1. Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT set): join; the sizes must agree.
+   Under SLURM's srun with one task per process, as Lightning reads it: the ranks from SLURM_PROCID,
+   SLURM_LOCALID, SLURM_NODEID and SLURM_NTASKS, the master the first host of SLURM_NODELIST (bracket ranges
+   read here, no `scontrol`), the port MASTER_PORT or one derived from SLURM_JOB_ID; they are then set as
+   torchrun's variables (DeepSpeed reads those too) and joined the same way.
 2. `launch(fn, *args)`: spawn one process per local device running `fn(fabric, *args)`; rank 0's result comes
    back. If any rank raises, the others are terminated and the error is raised here: never a hang.
 3. `launch()` in a script: this process becomes rank 0 and runs the same command line again for the other
@@ -15,6 +19,7 @@ import atexit
 import gc
 import os
 import pickle
+import re
 import signal
 import socket
 import subprocess
@@ -53,7 +58,14 @@ class Ranks:
 
 
 def from_environment(plan: Plan) -> Ranks | None:
-    """This process's ranks if torchrun (or our script launcher) started it, else None."""
+    """This process's ranks if torchrun, srun (one task per process) or our script launcher started it, else
+    None."""
+    slurm = from_slurm(plan)
+    if slurm is not None:
+        ranks, address, port = slurm
+        os.environ.update(RANK=str(ranks.global_rank), LOCAL_RANK=str(ranks.local_rank),
+                          WORLD_SIZE=str(ranks.world_size), LOCAL_WORLD_SIZE=str(len(plan.device_indices)),
+                          GROUP_RANK=str(ranks.node_rank), MASTER_ADDR=address, MASTER_PORT=port)
     if not all(name in os.environ for name in TORCHRUN_VARIABLES):
         return None
     world_size = int(os.environ["WORLD_SIZE"])
@@ -65,6 +77,56 @@ def from_environment(plan: Plan) -> Ranks | None:
         )
     local = int(os.environ["LOCAL_RANK"])
     return Ranks(int(os.environ["RANK"]), local, int(os.environ.get("GROUP_RANK", 0)), world_size)
+
+
+def from_slurm(plan: Plan) -> tuple[Ranks, str, str] | None:
+    """(ranks, master address, master port) when srun started this process as one of the job's processes; None
+    outside SLURM, in an interactive allocation (job name "bash" / "interactive", as Lightning), under torchrun
+    (its variables win) and for a single task (launch() then starts this node's processes itself)."""
+    env = os.environ
+    if "SLURM_NTASKS" not in env or env.get("SLURM_JOB_NAME") in ("bash", "interactive") or \
+            all(name in env for name in TORCHRUN_VARIABLES):
+        return None
+    tasks, per_node = int(env["SLURM_NTASKS"]), len(plan.device_indices)
+    if tasks == 1 and plan.world_size > 1:
+        return None
+    made = f"this Fabric was made for {plan.world_size} process(es) (devices={per_node} x num_nodes={plan.num_nodes})"
+    if tasks != plan.world_size:
+        raise ConfigurationError(f"srun started {tasks} tasks (SLURM_NTASKS), but {made}. Make them match: "
+                                 "--ntasks-per-node=devices and --nodes=num_nodes.")
+    nodes = int(env.get("SLURM_NNODES", env.get("SLURM_JOB_NUM_NODES", plan.num_nodes)))
+    listed = re.match(r"\d+", env.get("SLURM_NTASKS_PER_NODE", ""))
+    if nodes != plan.num_nodes or listed and int(listed.group()) != per_node:
+        per = listed.group() if listed else "?"
+        raise ConfigurationError(f"SLURM runs {nodes} node(s) x {per} task(s), but {made}. Set devices to "
+                                 "--ntasks-per-node and num_nodes to --nodes.")
+    rank, local = int(env["SLURM_PROCID"]), int(env["SLURM_LOCALID"])
+    if local >= per_node:
+        raise ConfigurationError(f"SLURM_LOCALID={local}, but {made}: each node runs devices={per_node} tasks.")
+    node = int(env.get("SLURM_NODEID", rank // per_node))
+    nodelist = env.get("SLURM_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
+    address = env.get("MASTER_ADDR") or first_host(nodelist)
+    return Ranks(rank, local, node, tasks), address, env.get("MASTER_PORT") or str(slurm_port(env.get("SLURM_JOB_ID")))
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: "node[01-03,07],gpu5" -> "node01", "a b" -> "a" (each bracket's
+    first range taken, zero padding kept)."""
+    depth, end = 0, len(nodelist)
+    for i, ch in enumerate(nodelist):
+        depth += (ch == "[") - (ch == "]")
+        if depth == 0 and ch in ", ":
+            end = i
+            break
+    return re.sub(r"\[([^\]]*)\]", lambda m: re.split(r"[,-]", m.group(1))[0], nodelist[:end].strip())
+
+
+def slurm_port(job_id: str | None) -> int:
+    """Lightning's port for a SLURM job: 15000 + the job id's last four digits (12910 without a job id), so every
+    task of the job finds the same one."""
+    if job_id is None or not job_id[-4:].isdigit():
+        return 12910
+    return 15000 + int(job_id[-4:])
 
 
 def from_group(plan: Plan) -> Ranks | None:
@@ -83,8 +145,8 @@ def from_group(plan: Plan) -> Ranks | None:
 
 
 def join(plan: Plan, ranks: Ranks, init_method: str | None) -> Plan:
-    """Set this process's device and join the process group (gloo on CPU, nccl on CUDA) unless the caller made
-    it already (`init_method` None); returns its plan."""
+    """Set this process's device and join the process group (gloo on CPU, nccl on CUDA, or the strategy's
+    `process_group_backend`) unless the caller made it already (`init_method` None); returns its plan."""
     plan = plan.for_local_rank(ranks.local_rank)
     if plan.device.type == "cuda":
         torch.cuda.set_device(plan.device)
@@ -93,9 +155,11 @@ def join(plan: Plan, ranks: Ranks, init_method: str | None) -> Plan:
     # currently unknown" warning, no guessing device = rank)
     if init_method is None:
         return plan
+    backend, timeout = plan.process_group  # the strategy's process_group_backend / timeout, if given
     dist.init_process_group(
-        "nccl" if cuda else "gloo", init_method=init_method, rank=ranks.global_rank, world_size=ranks.world_size,
-        timeout=collective_timeout(), **({"device_id": plan.device} if cuda else {}),
+        backend or ("nccl" if cuda else "gloo"), init_method=init_method, rank=ranks.global_rank,
+        world_size=ranks.world_size, timeout=timeout or collective_timeout(),
+        **({"device_id": plan.device} if cuda else {}),
     )
     return plan
 

@@ -7,15 +7,21 @@ argument checking happens here, once, with errors that list what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
-from torch import nn
 
+from torchinit import from_lightning
 from torchinit.core.errors import ConfigurationError, UnsupportedError
+from torchinit.options import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, WrapPolicy
+
+__all__ = ["DDPStrategy", "DeepSpeedStrategy", "FSDPStrategy", "ModelParallelStrategy", "Plan", "WrapPolicy",
+           "make_plan"]
 
 # canonical precision -> (dtype of parameters, autocast dtype or None)
 PRECISIONS: dict[str, tuple[torch.dtype, torch.dtype | None]] = {
@@ -32,97 +38,30 @@ _PRECISION_ALIASES: dict[object, str] = {
 }
 ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps")
 SINGLE_DEVICE_STRATEGIES = ("auto", "single_device")
-DEEPSPEED_STAGES = {"deepspeed": 2, "deepspeed_stage_1": 1, "deepspeed_stage_2": 2, "deepspeed_stage_3": 3}
-AVAILABLE_MULTI_PROCESS = ("ddp", "ddp_spawn", "fsdp", *DEEPSPEED_STAGES)
-
-WrapPolicy = set[type[nn.Module]] | Callable[[nn.Module], bool] | None
-
-
-@dataclass(frozen=True)
-class FSDPStrategy:
-    """FSDP2 options: `Fabric(strategy=FSDPStrategy(...))`; `strategy="fsdp"` is `FSDPStrategy()`.
-
-    Args:
-        wrap: which modules become their own shard group: a set of module classes, a predicate on modules,
-            or None for every element of every `nn.ModuleList` (transformer blocks). The root always is one.
-        reshard_after_forward: free the gathered parameters after forward (less memory, one more all-gather).
-        cpu_offload: keep shards and optimizer state on the CPU (CUDA only).
-        record_init: `init_module()` records the init on fake tensors and `setup` replays it, so the sharded
-            model equals the eager one (`torchinit.RecordContext`). False: parameters on meta, initialized in
-            `setup` by each module's own init (`reset_parameters`), for code the recorder cannot follow.
-    """
-
-    wrap: WrapPolicy = None
-    reshard_after_forward: bool = True
-    cpu_offload: bool = False
-    record_init: bool = True
-
-
-@dataclass(frozen=True)
-class DeepSpeedStrategy:
-    """DeepSpeed options: `Fabric(strategy=DeepSpeedStrategy(stage=3, config={...}))`.
-
-    `"deepspeed"` is stage 2 (as in Lightning), `"deepspeed_stage_N"` stage N. The DeepSpeed config is built
-    from the precision and the stage; `config` entries are merged over it (yours win). Stage 3 records the init
-    in `init_module()` and replays it into the partitions in `setup` (`record_init=False`: partition each module
-    as it is built, under `deepspeed.zero.Init`).
-    """
-
-    stage: int = 2
-    config: dict | None = None
-    record_init: bool = True
-
-    def __post_init__(self) -> None:
-        if self.stage not in (1, 2, 3):
-            raise ConfigurationError(f"DeepSpeedStrategy(stage={self.stage!r}): ZeRO stages are 1, 2 and 3.")
-
-
-@dataclass(frozen=True)
-class ModelParallelStrategy:
-    """Tensor parallel x FSDP2 on a 2-D device mesh: `Fabric(strategy=ModelParallelStrategy(...))`.
-
-    The argument names are Lightning's, so code switches by changing the import.
-
-    Args:
-        parallelize_fn: `fn(model, device_mesh) -> model`, run in `setup` on the model while it is on meta: it
-            applies `parallelize_module` on `device_mesh["tensor_parallel"]` and `fully_shard` on
-            `device_mesh["data_parallel"]`. None: a transformers model's own TP plan (`_tp_plan` /
-            `base_model_tp_plan`), then `fully_shard` of each block.
-        data_parallel_size: ranks in the data-parallel (FSDP) dimension; "auto": the number of nodes (or what the
-            world size leaves after `tensor_parallel_size`).
-        tensor_parallel_size: ranks in the tensor-parallel dimension; "auto": the devices of one node (or what
-            the world size leaves after `data_parallel_size`).
-        record_init: as for `FSDPStrategy`: record the init in `init_module()` and replay it into the shards.
-    """
-
-    parallelize_fn: Callable[[nn.Module, object], nn.Module] | None = None
-    data_parallel_size: int | str = "auto"
-    tensor_parallel_size: int | str = "auto"
-    record_init: bool = True
-
-    def resolved(self, world_size: int, num_nodes: int) -> ModelParallelStrategy:
-        """The same options with both sizes as numbers, checked against the world size."""
-        for name in ("data_parallel_size", "tensor_parallel_size"):
-            value = getattr(self, name)
-            if value != "auto" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ConfigurationError(f"ModelParallelStrategy({name}={value!r}): use a positive number or 'auto'.")
-        dp, tp = self.data_parallel_size, self.tensor_parallel_size
-        if dp == "auto" and tp == "auto":
-            dp, tp = num_nodes, world_size // num_nodes
-        elif dp == "auto":
-            dp = world_size // tp if world_size % tp == 0 else 0
-        elif tp == "auto":
-            tp = world_size // dp if world_size % dp == 0 else 0
-        if dp * tp != world_size:
-            raise ConfigurationError(
-                f"ModelParallelStrategy(data_parallel_size={self.data_parallel_size!r}, tensor_parallel_size="
-                f"{self.tensor_parallel_size!r}): the mesh must hold all {world_size} processes (devices x num_nodes)"
-                f", so the two sizes must multiply to {world_size}. Change one of them (or devices).")
-        return dataclasses.replace(self, data_parallel_size=dp, tensor_parallel_size=tp)
-
-
+Options = FSDPStrategy | DDPStrategy | DeepSpeedStrategy | ModelParallelStrategy
+# Lightning's strategy names, each the options it stands for
+NAMED_STRATEGIES: dict[str, Callable[[], Options]] = {
+    "ddp": DDPStrategy,
+    "ddp_spawn": functools.partial(DDPStrategy, start_method="spawn"),
+    "ddp_find_unused_parameters_true": functools.partial(DDPStrategy, find_unused_parameters=True),
+    "fsdp": FSDPStrategy,
+    "fsdp_cpu_offload": functools.partial(FSDPStrategy, cpu_offload=True),
+    "deepspeed": DeepSpeedStrategy,
+    "deepspeed_stage_1": functools.partial(DeepSpeedStrategy, stage=1),
+    "deepspeed_stage_1_offload": functools.partial(DeepSpeedStrategy, stage=1, offload_optimizer=True),
+    "deepspeed_stage_2": functools.partial(DeepSpeedStrategy, stage=2),
+    "deepspeed_stage_2_offload": functools.partial(DeepSpeedStrategy, stage=2, offload_optimizer=True),
+    "deepspeed_stage_3": functools.partial(DeepSpeedStrategy, stage=3),
+    "deepspeed_stage_3_offload": functools.partial(DeepSpeedStrategy, stage=3, offload_optimizer=True,
+                                                   offload_parameters=True),
+    "deepspeed_stage_3_offload_nvme": functools.partial(
+        DeepSpeedStrategy, stage=3, offload_optimizer=True, offload_parameters=True, remote_device="nvme",
+        offload_params_device="nvme", offload_optimizer_device="nvme"),
+}
+# the options class -> the strategy that runs it (strategies/select.py)
+KINDS: dict[type, str] = {FSDPStrategy: "fsdp", DDPStrategy: "ddp", DeepSpeedStrategy: "deepspeed",
+                          ModelParallelStrategy: "model_parallel"}
 MODEL_PARALLEL_PRECISIONS = ("64-true", "32-true", "bf16-true", "16-true", "bf16-mixed")
-MULTI_PROCESS_STRATEGIES = AVAILABLE_MULTI_PROCESS
 
 
 @dataclass(frozen=True)
@@ -141,7 +80,7 @@ class Plan:
     strategy: str
     device_indices: tuple[int, ...] = (0,)
     num_nodes: int = 1
-    options: FSDPStrategy | DeepSpeedStrategy | ModelParallelStrategy | None = None  # the strategy's settings
+    options: Options | None = None  # the strategy's settings (options.py)
 
     @property
     def mixed(self) -> bool:
@@ -154,6 +93,11 @@ class Plan:
     @property
     def multi_process(self) -> bool:
         return self.strategy != "single_device"
+
+    @property
+    def process_group(self) -> tuple[str | None, timedelta | None]:
+        """The backend and timeout the strategy's options ask of the process group (None: the defaults)."""
+        return getattr(self.options, "process_group_backend", None), getattr(self.options, "timeout", None)
 
     def for_local_rank(self, local_rank: int) -> Plan:
         return dataclasses.replace(self, device=_device(self.accelerator, self.device_indices[local_rank]))
@@ -239,52 +183,41 @@ def resolve_devices(accelerator: str, devices: object, multi_process: bool) -> t
     return tuple(indices)
 
 
-def resolve_strategy(strategy: object, num_devices: int) -> str:
-    if isinstance(strategy, FSDPStrategy):
-        return "fsdp"
-    if isinstance(strategy, ModelParallelStrategy):
-        return "model_parallel"
-    if isinstance(strategy, DeepSpeedStrategy) or strategy in DEEPSPEED_STAGES:
-        if importlib.util.find_spec("deepspeed") is None:
-            raise UnsupportedError(f"strategy={strategy!r} needs DeepSpeed, which is not installed: "
-                                   "`pip install deepspeed` (on a machine without a GPU, also set DS_ACCELERATOR=cpu).")
-        return "deepspeed"
+def resolve_strategy(strategy: object, num_devices: int) -> tuple[str, Options | None]:
+    """(the strategy that runs it, its options): from a name, one of our options objects, or a Lightning strategy
+    object (translated argument by argument, from_lightning.py)."""
+    strategy = from_lightning.translate(strategy)
     if strategy == "auto":
-        return "ddp" if num_devices > 1 else "single_device"
+        strategy = "ddp" if num_devices > 1 else "single_device"
     if strategy == "single_device":
         if num_devices > 1:
             raise ConfigurationError(f"strategy='single_device' runs one process, but devices asks for {num_devices}: "
                                      "use strategy='ddp' (or 'auto').")
-        return "single_device"
-    if strategy in AVAILABLE_MULTI_PROCESS:
-        return "fsdp" if strategy == "fsdp" else "ddp"
-    raise ConfigurationError(
-        f"strategy={strategy!r} is not supported. Choose one of: "
-        f"{', '.join(SINGLE_DEVICE_STRATEGIES + MULTI_PROCESS_STRATEGIES)}."
-    )
-
-
-def _options(strategy: object, resolved: str) -> FSDPStrategy | DeepSpeedStrategy | ModelParallelStrategy | None:
-    if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
-        return strategy
-    if resolved == "fsdp":
-        return FSDPStrategy()
-    if resolved == "deepspeed":
-        return DeepSpeedStrategy(stage=DEEPSPEED_STAGES[strategy])
-    return None
+        return "single_device", None
+    if isinstance(strategy, str) and strategy in NAMED_STRATEGIES:
+        strategy = NAMED_STRATEGIES[strategy]()
+    if type(strategy) not in KINDS:
+        raise ConfigurationError(
+            f"strategy={strategy!r} is not supported. Choose one of: "
+            f"{', '.join(SINGLE_DEVICE_STRATEGIES + tuple(NAMED_STRATEGIES))}, or pass a strategy object "
+            f"({', '.join(cls.__name__ for cls in KINDS)}, torchinit's or Lightning's).")
+    kind = KINDS[type(strategy)]
+    if kind == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        raise UnsupportedError(f"strategy={strategy!r} needs DeepSpeed, which is not installed: "
+                               "`pip install deepspeed` (on a machine without a GPU, also set DS_ACCELERATOR=cpu).")
+    return kind, strategy
 
 
 def make_plan(accelerator: str, strategy: object, devices: object, num_nodes: int, precision: object) -> Plan:
     if not isinstance(num_nodes, int) or isinstance(num_nodes, bool) or num_nodes < 1:
         raise ConfigurationError(f"num_nodes={num_nodes!r} is not valid: use a positive number.")
     resolved_accelerator = resolve_accelerator(accelerator)
-    objects = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
-    wants_many = isinstance(strategy, objects) or strategy not in SINGLE_DEVICE_STRATEGIES or num_nodes > 1
+    wants_many = not isinstance(strategy, str) or strategy not in SINGLE_DEVICE_STRATEGIES or num_nodes > 1
     indices = resolve_devices(resolved_accelerator, devices, wants_many)
-    resolved_strategy = resolve_strategy(strategy, len(indices) * num_nodes)
-    options = _options(strategy, resolved_strategy)
-    if resolved_strategy == "model_parallel":
+    resolved_strategy, options = resolve_strategy(strategy, len(indices) * num_nodes)
+    if isinstance(options, (FSDPStrategy, ModelParallelStrategy)):
         options = options.resolved(len(indices) * num_nodes, num_nodes)
+    if resolved_strategy == "model_parallel":
         given = _PRECISION_ALIASES.get(precision, precision) if isinstance(precision, (str, int)) else precision
         if given in PRECISIONS and given not in MODEL_PARALLEL_PRECISIONS:  # before '16-mixed' turns into bf16 on CPU
             raise ConfigurationError(

@@ -59,7 +59,7 @@ def load(path: str | os.PathLike, state: dict[str, Any], strict: bool, target: L
     path = Path(path)
     if target is Layout.DEEPSPEED:
         engine_for(path, state, engine, "load")
-    if path.is_dir() and (path / ".metadata").is_file() and target is Layout.DCP:
+    if path.is_dir() and (path / ".metadata").is_file() and target.sharded:
         return load_fsdp(path, state, strict, device, dtype)
     if path.is_dir() and (path / "latest").is_file() and target is Layout.DEEPSPEED:
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
@@ -101,7 +101,7 @@ def _restorer(path: Path, key: str, optimizer: Any, modules: dict[str, nn.Module
         return restore_flat(engine.flat_partitions(), engine.engine.optimizer.optimizer, groups, saved, names)
     owner = optimizer_owner(path, key, optimizer, modules)
     saved.resolve(param_groups(optimizer, owner))
-    restore = restore_fsdp if target is Layout.DCP else restore_plain
+    restore = restore_fsdp if target.sharded else restore_plain
     return lambda: restore(optimizer, owner, saved)
 
 

@@ -143,7 +143,9 @@ def save_deepspeed(path: str | os.PathLike, state: dict[str, Any], engine: ds.En
     """The engine writes its module and optimizer (each rank its partitions); rank 0 the plain values."""
     _, _, values = split_state(state)
     deepspeed_engine = engine_for(path, state, engine, "save")
-    save_folder(Path(path), lambda folder: deepspeed_engine.save_checkpoint(str(folder), tag=TAG), values, state)
+    exclude = engine.options.exclude_frozen_parameters
+    save_folder(Path(path), lambda folder: deepspeed_engine.save_checkpoint(
+        str(folder), tag=TAG, exclude_frozen_parameters=exclude), values, state)
 
 
 def load_deepspeed(path: str | os.PathLike, state: dict[str, Any], strict: bool,

@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = [
     "TORCH_VERSION", "DispatchMode", "FakeTensor", "FakeTensorMode", "compiled_parts", "forget_fake_memos",
+    "fsdp1_policy_targets", "is_fsdp1_policy",
     "is_op_overload", "local_shape_and_offset", "shard_placements", "split_part", "storage_id", "tree_leaves",
     "tree_map", "unset_fake_temporarily",
 ]
@@ -99,3 +100,16 @@ def compiled_parts(module: Any) -> tuple[Any, Any]:
         return module, None
     context = module.dynamo_ctx
     return module._orig_mod, lambda inner: OptimizedModule(inner, context)
+
+
+def is_fsdp1_policy(policy: Any) -> bool:
+    """Whether `policy` is one of FSDP1's policy objects (`ModuleWrapPolicy`, `CustomPolicy`: `_Policy`s)."""
+    from torch.distributed.fsdp.wrap import _Policy
+
+    return isinstance(policy, _Policy)
+
+
+def fsdp1_policy_targets(policy: Any, root: torch.nn.Module) -> dict[int, dict]:
+    """{id(module): FSDP1 keyword overrides} for the modules an FSDP1 policy object picks under `root` (its
+    `_run_policy`, which `FullyShardedDataParallel` calls the same way)."""
+    return {id(module): kwargs for module, kwargs in policy._run_policy(root, set(), {}).items()}

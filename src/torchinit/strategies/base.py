@@ -32,7 +32,13 @@ class Layout(enum.Enum):
 
     FILE = "file"  # whole tensors, one file written by rank 0 (one device, DDP)
     DCP = "dcp"  # DTensor shards, a torch.distributed.checkpoint folder, each rank its own (FSDP, model parallel)
+    FULL = "full"  # DTensor shards, saved as one file of whole tensors that rank 0 writes, one gathered at a time
     DEEPSPEED = "deepspeed"  # the ZeRO engine's folder, each rank its partitions
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the modules hold DTensor shards (loading fills each rank's part)."""
+        return self in (Layout.DCP, Layout.FULL)
 
 
 class Strategy(Protocol):

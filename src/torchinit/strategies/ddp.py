@@ -1,5 +1,6 @@
 """DDP: every rank holds the whole model; DistributedDataParallel makes the ranks start equal (it broadcasts
-rank 0's parameters and buffers when it wraps) and averages gradients in backward."""
+rank 0's parameters and buffers when it wraps) and averages gradients in backward. `DDPStrategy`'s arguments
+(find_unused_parameters, static_graph, ...) are DistributedDataParallel's."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ class DDP(OneDevice):
 
     def forward_module(self, module: nn.Module) -> DistributedDataParallel:
         device_ids = [self.plan.device.index] if self.plan.device.type == "cuda" else None
-        return DistributedDataParallel(module, device_ids=device_ids)
+        return DistributedDataParallel(module, device_ids=device_ids, **self.plan.options.ddp_kwargs())
 
     def no_backward_sync(self, module: FabricModule, enabled: bool) -> AbstractContextManager:
         """DDP's `no_sync`: gradients stay local (accumulated) until a backward outside it."""

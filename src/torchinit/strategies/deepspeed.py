@@ -37,9 +37,11 @@ from torchinit.init.record import RecordContext
 from torchinit.materialize.inits import init_for, post_order
 from torchinit.materialize.materialize import materialize
 from torchinit.materialize.memory import Need, check_fits, work_nbytes
-from torchinit.plan import DeepSpeedStrategy, Plan
+from torchinit.options import DeepSpeedStrategy
+from torchinit.plan import Plan
 from torchinit.record.recording import records_of
 from torchinit.strategies.base import Common, Layout
+from torchinit.strategies.deepspeed_config import config, param_dtype
 from torchinit.strategies.precision import Precision
 from torchinit.strategies.wrappers import FabricModule, check_optimizer
 
@@ -52,38 +54,6 @@ def _deepspeed():
     return deepspeed
 
 
-def param_dtype(plan: Plan) -> torch.dtype:
-    """DeepSpeed keeps parameters in the half dtype for both true and mixed half precisions (fp32 master
-    weights live in its optimizer)."""
-    if plan.precision in ("bf16-true", "bf16-mixed"):
-        return torch.bfloat16
-    if plan.precision in ("16-true", "16-mixed"):
-        return torch.float16
-    if plan.precision == "64-true":
-        raise ConfigurationError(
-            "DeepSpeed does not train in float64: use precision '32-true', 'bf16-mixed' or '16-mixed'.")
-    return torch.float32
-
-
-def config(plan: Plan, options: DeepSpeedStrategy) -> dict:
-    dtype = param_dtype(plan)
-    # Fabric users bring any torch optimizer; DeepSpeed refuses all but its tested few unless told otherwise.
-    base = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": options.stage},
-            "zero_allow_untested_optimizer": True}
-    if dtype == torch.bfloat16:
-        base["bf16"] = {"enabled": True}
-    elif dtype == torch.float16:
-        base["fp16"] = {"enabled": True}
-    return _merge(base, options.config or {})
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 @contextlib.contextmanager
 def zero_init(plan: Plan, options: DeepSpeedStrategy, skip_writes: bool) -> Iterator[None]:
     """Stage 3: partition every parameter as soon as its module is built, without losing later writes."""
@@ -93,7 +63,8 @@ def zero_init(plan: Plan, options: DeepSpeedStrategy, skip_writes: bool) -> Iter
     try:
         # No dtype=: DeepSpeed 0.19 then takes it from the config's bf16/fp16 sections. Passed explicitly, it is
         # ignored wherever the accelerator lacks fp16 (an operator-precedence slip makes CPU partitions bf16).
-        with deepspeed.zero.Init(config_dict_or_path=config(plan, options)), watch:
+        with deepspeed.zero.Init(config_dict_or_path=config(plan, options), remote_device=options.remote_device), \
+                watch:
             yield
     finally:
         handle.remove()
@@ -194,7 +165,7 @@ def partition_recorded(module: nn.Module, plan: Plan, options: DeepSpeedStrategy
         own = [*owner._parameters.values(), *owner._buffers.values()]
         if any(t is not None and t.device.type == "meta" for t in own):
             materialize(owner, plan.device, dtype, recorded=recorded, check_values=False)
-            deepspeed.zero.Init(module=owner, config_dict_or_path=cfg)
+            deepspeed.zero.Init(module=owner, config_dict_or_path=cfg, remote_device=options.remote_device)
 
 
 def partition_needs(module: nn.Module, device: torch.device, dtype: torch.dtype) -> list[Need]:
@@ -241,9 +212,12 @@ class Engine:
                 "the first forward."
             )
         self.groups = [list(g["params"]) for g in optimizer.param_groups] if optimizer is not None else []
+        deepspeed = _deepspeed()
+        if self.options.logging_level is not None:
+            deepspeed.utils.logging.logger.setLevel(self.options.logging_level)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning)  # DeepSpeed's use of deprecated collectives
-            self.engine, self.optimizer, _, _ = _deepspeed().initialize(
+            self.engine, self.optimizer, _, _ = deepspeed.initialize(
                 model=self.module, optimizer=optimizer, config=config(self.plan, self.options), dist_init_required=False
             )
         self.clip_grad = getattr(self.engine.optimizer, "clip_grad", None)  # what clip_gradients overrides for a step

@@ -26,7 +26,8 @@ from torchinit.core.placement import is_distributed, local_part
 from torchinit.materialize.inits import post_order
 from torchinit.materialize.materialize import materialize, swap_in
 from torchinit.materialize.verify import tie_groups, verify
-from torchinit.plan import ModelParallelStrategy, Plan
+from torchinit.options import ModelParallelStrategy
+from torchinit.plan import Plan
 from torchinit.record.recording import records_of
 from torchinit.strategies import fsdp, tp_plan
 from torchinit.strategies.base import Common, Layout, sharded_init_context
@@ -41,13 +42,15 @@ HEAD_ATTRIBUTES = ("num_heads", "n_heads", "num_attention_heads", "num_kv_heads"
 
 class ModelParallel(Common):
     """Tensor parallel x FSDP2: setup parallelizes on meta and materializes the shards; state is saved as DCP
-    shards. The mesh is made in `start` (collective), or given."""
-
-    layout = Layout.DCP
+    shards (or one file: `save_distributed_checkpoint=False`). The mesh is made in `start` (collective), or given."""
 
     def __init__(self, plan: Plan, mesh: DeviceMesh | None = None):
         super().__init__(plan)
         self.mesh = mesh
+
+    @property
+    def layout(self) -> Layout:
+        return Layout.DCP if self.plan.options.save_distributed_checkpoint else Layout.FULL
 
     def start(self) -> None:
         self.mesh = device_mesh(self.plan)
