@@ -17,10 +17,8 @@ from torch import nn
 from torchinit import collectives, data, seeding
 from torchinit import launch as launcher
 from torchinit.callbacks import Callbacks
-from torchinit.checkpoint import export, full_save, load_state, sharded_state
+from torchinit.checkpoint import fabric_state, load_state
 from torchinit.checkpoint.load_model import load_checkpoint
-from torchinit.checkpoint.save import on_rank_zero, save_state
-from torchinit.checkpoint.stateful import check_filter, load_stateful, saved_form
 from torchinit.core.compat import compiled_parts
 from torchinit.core.errors import ArgumentTypeError, ConfigurationError, UsageError
 from torchinit.init.context import TensorContext
@@ -201,32 +199,11 @@ class Fabric:
 
         One device and DDP: rank 0 writes one file. FSDP and model parallel: a `torch.distributed.checkpoint`
         folder (loadable into another world size or mesh shape), each rank writing its own shards (optimizer state
-        included). DeepSpeed: the engine's folder (each rank its partitions). `format="safetensors"`: `state` holds
+        included), or with `state_dict_type="full"` / `save_distributed_checkpoint=False` one file that rank 0 writes,
+        gathered one tensor at a time. DeepSpeed: the engine's folder (each rank its partitions). `format="safetensors"`: `state` holds
         one module, written as a transformers-style folder (sharded safetensors files and their index), each rank
         writing its own shards into the final files. Every rank must call it; all return once `path` is in place."""
-        check_filter(state, filter)
-        if format == "safetensors":
-            export.save_safetensors_folder(path, state)
-            return
-        if format is not None:
-            raise ConfigurationError(f"format={format!r} is not supported: use None (the strategy's own) or "
-                                     "'safetensors'.")
-        layout = self.strategy.layout
-        if filter is not None and layout is not Layout.FILE:
-            raise ConfigurationError(f"fabric.save(filter=...) is for one device and DDP: a sharded checkpoint "
-                                     f"under strategy={self.plan.strategy!r} holds every shard (load it, then save a "
-                                     "filtered copy with one process).")
-        state = saved_form(state, filter)
-        if layout is Layout.DCP:  # each rank its shards, any placement
-            sharded_state.save_fsdp(path, state)
-            return
-        if layout is Layout.FULL:  # one file from rank 0, gathered one tensor at a time
-            full_save.save_full(path, state)
-            return
-        if layout is Layout.DEEPSPEED:
-            sharded_state.save_deepspeed(path, state, self.strategy.engine)
-            return
-        on_rank_zero(lambda: save_state(path, state), f"{os.fspath(path)}: rank 0 could not save it")
+        fabric_state.save(path, state, self.strategy, filter, format)
 
     def load(self, path: str | os.PathLike, state: dict[str, Any] | None = None, strict: bool = True,
              allow_nonfinite: bool = False) -> dict:
@@ -240,28 +217,7 @@ class Fabric:
         shards into the modules and optimizers given. `strict` also checks module keys. `allow_nonfinite` (one
         device / DDP): load NaN / +-inf module values instead of raising. Objects with `load_state_dict` (LR
         schedulers, samplers) get their saved state in place."""
-        if state is None:
-            return self._load(path, None, strict, allow_nonfinite)
-        return load_stateful(state, lambda inner: self._load(path, inner, strict, allow_nonfinite))
-
-    def _load(self, path: str | os.PathLike, state: dict[str, Any] | None, strict: bool,
-              allow_nonfinite: bool) -> dict:
-        layout = self.strategy.layout
-        if layout is not Layout.FILE:
-            if allow_nonfinite:
-                raise ConfigurationError(f"fabric.load(allow_nonfinite=True) is for one device or DDP; under "
-                                 f"strategy={self.plan.strategy!r} load the model with "
-                                 "fabric.load_raw(path, model, allow_nonfinite=True).")
-            if not state:
-                raise ConfigurationError(f"fabric.load under strategy={self.plan.strategy!r} reads shards into the "
-                                         "objects they belong to: pass state={'model': model, 'optimizer': "
-                                         "optimizer, ...}.")
-            return load_state.load(path, state, strict, layout, self.device, self.strategy.param_dtype,
-                                   getattr(self.strategy, "engine", None))
-        if state is None:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return load_state.load(path, state, strict, layout, self.device, self.strategy.param_dtype,
-                               allow_nonfinite=allow_nonfinite)
+        return fabric_state.load(path, state, self.strategy, self.device, strict, allow_nonfinite)
 
     def load_raw(self, path: str | os.PathLike, obj: nn.Module | torch.optim.Optimizer, strict: bool = True,
                  allow_nonfinite: bool = False) -> Any:
