@@ -199,10 +199,11 @@ class Fabric:
 
         One device and DDP: rank 0 writes one file. FSDP and model parallel: a `torch.distributed.checkpoint`
         folder (loadable into another world size or mesh shape), each rank writing its own shards (optimizer state
-        included), or with `state_dict_type="full"` / `save_distributed_checkpoint=False` one file that rank 0 writes,
-        gathered one tensor at a time. DeepSpeed: the engine's folder (each rank its partitions). `format="safetensors"`: `state` holds
-        one module, written as a transformers-style folder (sharded safetensors files and their index), each rank
-        writing its own shards into the final files. Every rank must call it; all return once `path` is in place."""
+        included), or with `state_dict_type="full"` / `save_distributed_checkpoint=False` one file that rank 0
+        writes, gathered one tensor at a time. DeepSpeed: the engine's folder (each rank its partitions).
+        `format="safetensors"`: `state` holds one module, written as a transformers-style folder (sharded
+        safetensors files and their index), each rank writing its own shards into the final files. Every rank must
+        call it; all return once `path` is in place."""
         fabric_state.save(path, state, self.strategy, filter, format)
 
     def load(self, path: str | os.PathLike, state: dict[str, Any] | None = None, strict: bool = True,
